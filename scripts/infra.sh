@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Brings up (or stops) the three servers the project needs, on this machine:
+#   Postgres   127.0.0.1:5432   the local cluster (installed from Debian if missing)
+#   Tansu      127.0.0.1:9092   Kafka-compatible broker, data in .data/tansu/
+#   SecantusDB 127.0.0.1:27017  MongoDB-wire-compatible server, data in .data/secantus/
+#
+# Idempotent: a second `up` reuses whatever already answers. `down` stops only
+# what this script started (by the pids it recorded), nothing else.
+#
+# Usage: scripts/infra.sh up|down|status
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DATA="$ROOT/.data"
+TANSU_VERSION=0.6.0
+SECANTUS_VERSION=0.7.0b3
+PG_PORT=5432
+KAFKA_PORT=9092
+MONGO_PORT=27017
+PG_DATABASE=${PG_DATABASE:-ticketing}
+WAIT_SECS=${INFRA_WAIT_SECS:-60}
+
+log() { printf 'infra: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() { # name port pidfile
+  local name=$1 port=$2 pidfile=${3:-} i
+  for ((i = 0; i < WAIT_SECS * 10; i++)); do
+    port_open "$port" && return 0
+    if [[ -n $pidfile && -f $pidfile ]] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      die "$name exited during start-up; see its log in $DATA"
+    fi
+    sleep 0.1
+  done
+  die "$name did not answer on 127.0.0.1:$port within ${WAIT_SECS}s; see its log in $DATA"
+}
+
+running_pid() { # pidfile -> prints the pid when that process is alive
+  [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null && cat "$1"
+}
+
+apt_install() {
+  log "installing $* from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+postgres_up() {
+  if ! command -v pg_ctlcluster >/dev/null || [[ -z $(ls /etc/postgresql 2>/dev/null) ]]; then
+    apt_install postgresql postgresql-client
+    local version hba
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    hba=/etc/postgresql/$version/main/pg_hba.conf
+    # A cluster we installed ourselves gets the local trust auth the project
+    # expects of a development machine; an existing cluster is left as it is.
+    sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    touch "$DATA/postgres.installed-by-project"
+  fi
+  if ! pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    log "starting the local Postgres $version cluster"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    touch "$DATA/postgres.started-by-project"
+  fi
+  local i
+  for ((i = 0; i < WAIT_SECS * 10; i++)); do
+    pg_isready -q -h 127.0.0.1 -p "$PG_PORT" && break
+    sleep 0.1
+  done
+  pg_isready -q -h 127.0.0.1 -p "$PG_PORT" || die "Postgres did not answer on 127.0.0.1:$PG_PORT"
+  local exists
+  exists=$(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tAc \
+    "SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE'")
+  if [[ $exists != 1 ]]; then
+    createdb -h 127.0.0.1 -p "$PG_PORT" -U postgres "$PG_DATABASE"
+    log "created database $PG_DATABASE"
+  fi
+  log "postgres ready on 127.0.0.1:$PG_PORT (database $PG_DATABASE)"
+}
+
+tansu_up() {
+  # Captured first: with pipefail, `grep -q` closing the pipe early would
+  # turn the writer's SIGPIPE into a failed check.
+  local installed
+  installed=$(tansu --version 2>/dev/null || true)
+  if [[ $installed != *"$TANSU_VERSION"* ]]; then
+    log "installing tansu $TANSU_VERSION with cargo (a one-time build of several minutes)"
+    cargo install tansu --version "$TANSU_VERSION" --features libsql --locked
+  fi
+  local pidfile="$DATA/tansu/tansu.pid"
+  mkdir -p "$DATA/tansu"
+  if running_pid "$pidfile" >/dev/null || port_open "$KAFKA_PORT"; then
+    wait_for_port tansu "$KAFKA_PORT"
+    log "kafka (tansu) already up on 127.0.0.1:$KAFKA_PORT"
+    return
+  fi
+  # Tansu reads the sqlite path relative to its working directory.
+  (
+    cd "$DATA/tansu"
+    nohup tansu broker \
+      --storage-engine sqlite://tansu.db \
+      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      >>tansu.log 2>&1 </dev/null &
+    echo $! >tansu.pid
+  )
+  wait_for_port tansu "$KAFKA_PORT" "$pidfile"
+  log "kafka (tansu) started on 127.0.0.1:$KAFKA_PORT, log in $DATA/tansu/tansu.log"
+}
+
+secantus_up() {
+  local installed
+  installed=$(python3 -m pip show secantusdb 2>/dev/null || true)
+  if [[ $installed != *"Version: $SECANTUS_VERSION"* ]]; then
+    log "installing secantusdb $SECANTUS_VERSION with pip"
+    python3 -m pip install --quiet --disable-pip-version-check "secantusdb==$SECANTUS_VERSION"
+  fi
+  local pidfile="$DATA/secantus/secantus.pid"
+  mkdir -p "$DATA/secantus"
+  if running_pid "$pidfile" >/dev/null || port_open "$MONGO_PORT"; then
+    wait_for_port secantusdb "$MONGO_PORT"
+    log "mongodb (secantusdb) already up on 127.0.0.1:$MONGO_PORT"
+    return
+  fi
+  (
+    cd "$DATA/secantus"
+    nohup python3 -m secantus --host 127.0.0.1 --port "$MONGO_PORT" \
+      --storage-path "$DATA/secantus/db" --log-level WARNING \
+      >>secantus.log 2>&1 </dev/null &
+    echo $! >secantus.pid
+  )
+  wait_for_port secantusdb "$MONGO_PORT" "$pidfile"
+  log "mongodb (secantusdb) started on 127.0.0.1:$MONGO_PORT, log in $DATA/secantus/secantus.log"
+}
+
+stop_pidfile() { # name pidfile
+  local name=$1 pidfile=$2 pid i
+  if pid=$(running_pid "$pidfile"); then
+    kill "$pid"
+    for ((i = 0; i < 100; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    log "stopped $name (pid $pid)"
+  fi
+  rm -f "$pidfile"
+}
+
+case ${1:-} in
+  up)
+    mkdir -p "$DATA"
+    postgres_up
+    secantus_up
+    tansu_up
+    ;;
+  down)
+    stop_pidfile tansu "$DATA/tansu/tansu.pid"
+    stop_pidfile secantusdb "$DATA/secantus/secantus.pid"
+    if [[ -f $DATA/postgres.started-by-project ]]; then
+      pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n 1)" main stop
+      rm -f "$DATA/postgres.started-by-project"
+      log "stopped the Postgres cluster this script had started"
+    fi
+    ;;
+  status)
+    for entry in "postgres $PG_PORT" "kafka $KAFKA_PORT" "mongodb $MONGO_PORT"; do
+      set -- $entry
+      if port_open "$2"; then log "$1 up on 127.0.0.1:$2"; else log "$1 down (127.0.0.1:$2)"; fi
+    done
+    ;;
+  *)
+    die "usage: $0 up|down|status"
+    ;;
+esac
