@@ -1,0 +1,17 @@
+//! The write side of ticket booking: HTTP commands (shows, bookings,
+//! confirmations, cancellations) appended to the Postgres event log, each
+//! booking with all its seats in one transaction.
+//!
+//! `startup` is the one place where the service is wired together.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod event_log;
+pub mod idempotency;
+pub mod reply;
+pub mod routes;
+pub mod sales;
+pub mod settings;
+pub mod startup;
+pub mod sweeper;

@@ -1,0 +1,85 @@
+//! A finished answer: status, headers and body bytes. Kept as plain data so
+//! that the first answer to an `Idempotency-Key` can be stored and replayed
+//! exactly.
+
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An answer to a write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Headers beyond the content type.
+    pub headers: HeaderMap,
+    /// JSON body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: StatusCode, body: &impl Serialize) -> Self {
+        Self::with_content_type(status, body, "application/json")
+    }
+
+    /// A problem document.
+    pub fn problem(status: StatusCode, body: serde_json::Value) -> Self {
+        Self::with_content_type(status, &body, "application/problem+json")
+    }
+
+    fn with_content_type(
+        status: StatusCode,
+        body: &impl Serialize,
+        content_type: &'static str,
+    ) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        Self {
+            status,
+            headers,
+            // Serializing our own response types cannot fail (no maps with
+            // non-string keys); an empty body would still be a valid answer.
+            body: serde_json::to_vec(body).unwrap_or_default(),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(&mut self, name: HeaderName, value: HeaderValue) -> &mut Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Headers as stored: name to value, text only.
+    pub fn stored_headers(&self) -> serde_json::Value {
+        self.headers
+            .iter()
+            .filter_map(|(name, value)| {
+                Some((name.as_str().to_owned(), value.to_str().ok()?.into()))
+            })
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+            .into()
+    }
+
+    /// Rebuilds a stored answer.
+    pub fn from_stored(status: u16, headers: &serde_json::Value, body: Vec<u8>) -> Option<Self> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers.as_object()? {
+            map.insert(
+                HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderValue::from_str(value.as_str()?).ok()?,
+            );
+        }
+        Some(Self {
+            status: StatusCode::from_u16(status).ok()?,
+            headers: map,
+            body,
+        })
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        (self.status, self.headers, self.body).into_response()
+    }
+}

@@ -1,0 +1,336 @@
+//! The command endpoints of API.md: request bodies parsed into domain
+//! types, commands run through [`Sales`], answers shaped as the contract says.
+
+use axum::extract::{FromRequest, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use domain::box_office::{BookingRequest, Purchase};
+use domain::{
+    Booking, BookingId, BookingState, Cents, Row, RowName, SeatLabel, SeatMap, Section,
+    SectionName, ShowDetails, ShowId, ShowName, Timestamp, UserId, VenueName,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+use crate::error::{member, ApiError};
+use crate::event_log::LogError;
+use crate::idempotency::Keyed;
+use crate::reply::Reply;
+use crate::sales::{Sales, Settle};
+
+/// `Json` whose rejection is our problem document.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+/// `POST /shows` body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewShow {
+    /// What the show is called.
+    pub name: String,
+    /// Where it takes place.
+    pub venue: String,
+    /// When it starts (RFC 3339).
+    #[schema(value_type = String, format = DateTime)]
+    pub starts_at: Timestamp,
+    /// Priced sections with their rows.
+    pub sections: Vec<NewSection>,
+}
+
+/// A section of a new show.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSection {
+    /// The section's name.
+    pub name: String,
+    /// Price of each seat, in cents.
+    pub price_cents: i64,
+    /// Its rows.
+    pub rows: Vec<NewRow>,
+}
+
+/// A row of a new show.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewRow {
+    /// Row name: 1 to 8 letters.
+    pub row: String,
+    /// How many seats, numbered from 1.
+    pub seats: u32,
+}
+
+impl NewShow {
+    fn into_details(self, show_id: ShowId) -> Result<ShowDetails, ApiError> {
+        let sections = self
+            .sections
+            .into_iter()
+            .map(|section| {
+                Ok(Section {
+                    name: SectionName::new(&section.name)?,
+                    price_cents: Cents::new(section.price_cents)?,
+                    rows: section
+                        .rows
+                        .into_iter()
+                        .map(|row| {
+                            Ok(Row {
+                                row: RowName::new(&row.row)?,
+                                seats: row.seats,
+                            })
+                        })
+                        .collect::<Result<_, ApiError>>()?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        Ok(ShowDetails {
+            show_id,
+            name: ShowName::new(&self.name)?,
+            venue: VenueName::new(&self.venue)?,
+            starts_at: self.starts_at,
+            seat_map: SeatMap::new(sections)?,
+        })
+    }
+}
+
+/// `POST /shows` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ShowCreated {
+    /// The new show's id.
+    pub show_id: String,
+    /// How many seats it has.
+    pub seats: u32,
+}
+
+/// `POST /shows`: creates a show with its seat map.
+#[utoipa::path(post, path = "/shows", request_body = NewShow,
+    responses((status = 201, body = ShowCreated), (status = 422, description = "a rule of the seat map is broken")))]
+pub async fn create_show(
+    State(sales): State<Sales>,
+    headers: HeaderMap,
+    Json(body): Json<NewShow>,
+) -> Result<Reply, ApiError> {
+    let keyed = Keyed::from_headers(&headers, "POST /shows", &body)?;
+    let details = body.into_details(ShowId::from_uuid(uuid::Uuid::new_v4()))?;
+    sales
+        .transact(keyed.as_ref(), |conn| {
+            let details = details.clone();
+            Box::pin(async move {
+                let created = ShowCreated {
+                    show_id: details.show_id.to_string(),
+                    seats: details.seat_map.seat_count(),
+                };
+                Sales::create_show(conn, details).await?;
+                let mut reply = Reply::json(StatusCode::CREATED, &created);
+                reply.header(header::LOCATION, location("shows", &created.show_id));
+                Ok(reply)
+            })
+        })
+        .await
+}
+
+/// `POST /bookings` body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewBooking {
+    /// The show (UUID).
+    pub show_id: String,
+    /// The buyer (UUID).
+    pub user_id: String,
+    /// Seat labels such as `A1`.
+    pub seats: Vec<String>,
+    /// Hold the seats (to confirm later) instead of booking them at once.
+    #[serde(default)]
+    pub hold: bool,
+}
+
+/// A booking as the command API answers it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BookingView {
+    /// Its id.
+    pub booking_id: String,
+    /// `held`, `confirmed`, `cancelled` or `expired`.
+    pub status: String,
+    /// The show.
+    pub show_id: String,
+    /// The buyer.
+    pub user_id: String,
+    /// Its seats.
+    pub seats: Vec<String>,
+    /// What it costs, in cents.
+    pub total_cents: u64,
+    /// When a hold lapses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<Timestamp>,
+}
+
+impl BookingView {
+    fn of(booking: &Booking, now: Timestamp) -> Result<Self, ApiError> {
+        let details = booking
+            .details()
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a booking without details")))?;
+        let status = match booking.state_at(now) {
+            Some(BookingState::Held) => "held",
+            Some(BookingState::Confirmed) => "confirmed",
+            Some(BookingState::Cancelled) => "cancelled",
+            Some(BookingState::Expired) | None => "expired",
+        };
+        Ok(Self {
+            booking_id: details.booking_id.to_string(),
+            status: status.to_owned(),
+            show_id: details.show_id.to_string(),
+            user_id: details.user_id.to_string(),
+            seats: details.seats.iter().map(|s| s.label.to_string()).collect(),
+            total_cents: details.total_cents.get(),
+            expires_at: match booking.status() {
+                Some(domain::BookingStatus::Held { expires_at }) => Some(expires_at),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Parses the body's ids and labels. Labels that cannot be seats of any show
+/// are reported with the show's unknown seats, as one list.
+fn parse_booking(
+    body: &NewBooking,
+) -> Result<(ShowId, UserId, Vec<SeatLabel>, Vec<String>), ApiError> {
+    let show_id: ShowId = body.show_id.parse()?;
+    let user_id: UserId = body.user_id.parse()?;
+    let mut labels = Vec::with_capacity(body.seats.len());
+    let mut malformed = Vec::new();
+    for text in &body.seats {
+        match text.parse::<SeatLabel>() {
+            Ok(label) => labels.push(label),
+            Err(_) => malformed.push(text.clone()),
+        }
+    }
+    Ok((show_id, user_id, labels, malformed))
+}
+
+/// `POST /bookings`: books or holds seats, all or nothing.
+#[utoipa::path(post, path = "/bookings", request_body = NewBooking,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retry-safe key, up to 255 characters")),
+    responses((status = 201, body = BookingView), (status = 404, description = "unknown show"),
+        (status = 409, description = "seats unavailable (`unavailable_seats`), or the same key in flight"),
+        (status = 422, description = "bad seat list (`unknown_seats`), or the key reused with another body")))]
+pub async fn place_booking(
+    State(sales): State<Sales>,
+    headers: HeaderMap,
+    Json(body): Json<NewBooking>,
+) -> Result<Reply, ApiError> {
+    let keyed = Keyed::from_headers(&headers, "POST /bookings", &body)?;
+    let (show_id, user_id, labels, malformed) = parse_booking(&body)?;
+    let show = sales.show(show_id).await?;
+    let hold_for =
+        chrono::Duration::from_std(sales.hold_for).map_err(|e| ApiError::Internal(e.into()))?;
+    let booking_id = BookingId::from_uuid(uuid::Uuid::new_v4());
+    let hold = body.hold;
+    sales
+        .transact(keyed.as_ref(), |conn| {
+            let (show, labels, malformed) = (Arc::clone(&show), labels.clone(), malformed.clone());
+            Box::pin(async move {
+                let now = Sales::now();
+                if !malformed.is_empty() {
+                    // Malformed labels are unknown seats too, reported with the show's.
+                    let mut unknown = malformed;
+                    if let Some(details) = show.details() {
+                        unknown.extend(
+                            labels
+                                .iter()
+                                .filter(|l| details.seat_map.section_of(l).is_none())
+                                .map(ToString::to_string),
+                        );
+                    }
+                    return Err(ApiError::invalid(
+                        format!("the show has no seat {}", unknown.join(", ")),
+                        member(
+                            "unknown_seats",
+                            unknown.into_iter().map(Value::from).collect(),
+                        ),
+                    ));
+                }
+                let request = BookingRequest {
+                    booking_id,
+                    show_id,
+                    user_id,
+                    seats: labels,
+                    purchase: if hold {
+                        Purchase::Hold {
+                            expires_at: now + hold_for,
+                        }
+                    } else {
+                        Purchase::Book
+                    },
+                };
+                let booking = Sales::place(conn, &show, request, now).await?;
+                let view = BookingView::of(&booking, now)?;
+                let mut reply = Reply::json(StatusCode::CREATED, &view);
+                reply.header(header::LOCATION, location("bookings", &view.booking_id));
+                Ok(reply)
+            })
+        })
+        .await
+}
+
+/// `POST /bookings/{id}/confirm`: buys a held booking.
+#[utoipa::path(post, path = "/bookings/{id}/confirm", params(("id" = String, Path)),
+    responses((status = 200, body = BookingView), (status = 404), (status = 409, description = "expired or cancelled")))]
+pub async fn confirm_booking(
+    State(sales): State<Sales>,
+    Path(id): Path<String>,
+) -> Result<Reply, ApiError> {
+    settle(&sales, &id, Settle::Confirm).await
+}
+
+/// `POST /bookings/{id}/cancel`: cancels a booking and frees its seats.
+#[utoipa::path(post, path = "/bookings/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 200, body = BookingView), (status = 404), (status = 409, description = "expired")))]
+pub async fn cancel_booking(
+    State(sales): State<Sales>,
+    Path(id): Path<String>,
+) -> Result<Reply, ApiError> {
+    settle(&sales, &id, Settle::Cancel).await
+}
+
+async fn settle(sales: &Sales, id: &str, action: Settle) -> Result<Reply, ApiError> {
+    // A malformed id names no booking.
+    let booking_id: BookingId = id.parse().map_err(|_| ApiError::NotFound("booking"))?;
+    sales
+        .transact(None, |conn| {
+            Box::pin(async move {
+                let now = Sales::now();
+                let booking = Sales::settle(conn, booking_id, action, now).await?;
+                Ok(Reply::json(
+                    StatusCode::OK,
+                    &BookingView::of(&booking, now)?,
+                ))
+            })
+        })
+        .await
+}
+
+fn location(collection: &str, id: &str) -> HeaderValue {
+    // Ids are UUIDs: always a valid header value.
+    HeaderValue::from_str(&format!("/{collection}/{id}")).unwrap_or(HeaderValue::from_static("/"))
+}
+
+/// `GET /readyz`: 200 when Postgres answers, 503 whenever it does not,
+/// whatever the failure looks like.
+pub async fn readyz(State(sales): State<Sales>) -> Result<StatusCode, ApiError> {
+    sqlx::query("SELECT 1")
+        .execute(sales.pool())
+        .await
+        .map_err(LogError::Unreachable)?;
+    Ok(StatusCode::OK)
+}
+
+/// The OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "ticketing command-api", version = "1"),
+    paths(create_show, place_booking, confirm_booking, cancel_booking),
+    components(schemas(NewShow, NewSection, NewRow, ShowCreated, NewBooking, BookingView))
+)]
+pub struct ApiDoc;

@@ -1,0 +1,51 @@
+//! The command-api's settings, from flags or the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Settings of the command-api.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Postgres holding the event log.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ticketing"
+    )]
+    pub database_url: String,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "COMMAND_API_ADDR", default_value = "127.0.0.1:8081")]
+    pub addr: SocketAddr,
+    /// Most Postgres connections.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+    /// How long a request waits for a Postgres connection before a 503.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_SECS", default_value_t = 5)]
+    pub acquire_timeout_secs: u64,
+    /// How long to wait for Postgres at start-up before giving up.
+    #[arg(long, env = "STARTUP_TIMEOUT_SECS", default_value_t = 10)]
+    pub startup_timeout_secs: u64,
+    /// How long a hold lasts, in seconds.
+    #[arg(long, env = "HOLD_SECS", default_value_t = 600)]
+    pub hold_secs: u64,
+    /// How often the sweeper expires lapsed holds, in seconds.
+    #[arg(long, env = "SWEEP_EVERY_SECS", default_value_t = 5)]
+    pub sweep_every_secs: u64,
+    /// How long idempotency keys are kept, in hours (at least 24).
+    #[arg(long, env = "IDEMPOTENCY_KEEP_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(24..))]
+    pub idempotency_keep_hours: u64,
+    /// How many times a command is run when it meets concurrent writers.
+    #[arg(long, env = "COMMAND_ATTEMPTS", default_value_t = 8)]
+    pub command_attempts: u32,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+impl Settings {
+    /// How long a hold lasts.
+    pub fn hold_for(&self) -> Duration {
+        Duration::from_secs(self.hold_secs)
+    }
+}

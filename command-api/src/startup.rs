@@ -1,0 +1,145 @@
+//! Wiring: the pool, migrations, the router, the sweeper, the server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::routes;
+use crate::sales::Sales;
+use crate::settings::Settings;
+use crate::sweeper;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The migrations of `migrations/`, applied at start-up and by `migrate`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The HTTP routes, for the server and for tests.
+pub fn router(sales: Sales) -> Router {
+    Router::new()
+        .route("/shows", post(routes::create_show))
+        .route("/bookings", post(routes::place_booking))
+        .route("/bookings/{id}/confirm", post(routes::confirm_booking))
+        .route("/bookings/{id}/cancel", post(routes::cancel_booking))
+        .route("/healthz", get(|| async { StatusCode::OK }))
+        .route("/readyz", get(routes::readyz))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(routes::ApiDoc::openapi()) }),
+        )
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(30),
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(sales)
+}
+
+/// Connects to Postgres, failing with the server named (never the password).
+///
+/// # Errors
+/// When the URL is malformed or Postgres does not answer in time.
+pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = settings
+        .database_url
+        .parse()
+        .context("DATABASE_URL is not a Postgres URL")?;
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    );
+    let startup = Duration::from_secs(settings.startup_timeout_secs);
+    tokio::time::timeout(startup, options.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {startup:?}"))
+        .and_then(|connected| Ok(connected?))
+        .with_context(|| format!("postgres at {target} is unreachable"))?;
+    tracing::info!(%target, "connected to postgres");
+    // Lazy from here on: a Postgres outage later is a 503 to the requests it
+    // hits, and the pool reconnects by itself when Postgres is back.
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
+        .connect_lazy_with(options))
+}
+
+/// Applies the migrations.
+///
+/// # Errors
+/// When a migration fails.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("applying migrations")
+}
+
+/// A running command-api.
+pub struct App {
+    listener: TcpListener,
+    sales: Sales,
+    settings: Settings,
+}
+
+impl App {
+    /// Connects, migrates and binds.
+    ///
+    /// # Errors
+    /// When Postgres is unreachable, a migration fails or the address is taken.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = connect(&settings).await?;
+        migrate(&pool).await?;
+        let listener = TcpListener::bind(settings.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.addr))?;
+        let sales = Sales::new(pool, settings.hold_for(), settings.command_attempts);
+        Ok(Self {
+            listener,
+            sales,
+            settings,
+        })
+    }
+
+    /// The bound address (for tests that bind port 0).
+    ///
+    /// # Errors
+    /// When the socket has no address.
+    pub fn addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` is cancelled, then lets in-flight requests finish.
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run_until(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let sweeper = tokio::spawn(sweeper::run(
+            self.sales.clone(),
+            Duration::from_secs(self.settings.sweep_every_secs.max(1)),
+            Duration::from_secs(self.settings.idempotency_keep_hours * 3600),
+            stop.clone(),
+        ));
+        tracing::info!(addr = %self.addr()?, "command-api listening");
+        let served = axum::serve(self.listener, router(self.sales.clone()))
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .await
+            .context("server failed");
+        stop.cancel();
+        let _ = sweeper.await;
+        self.sales.pool().close().await;
+        served
+    }
+}

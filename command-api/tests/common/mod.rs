@@ -1,0 +1,208 @@
+//! Harness for the command-api tests: a real server on a random port over
+//! its own Postgres database, and a checker that replays the whole log.
+
+#![allow(dead_code)] // each test file uses its share
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{ensure, Context};
+use chrono::Utc;
+use command_api::settings::Settings;
+use command_api::startup::App;
+use cqrs_es::Aggregate;
+use domain::{Booking, BookingId, BookingState, Seat, SeatId, SeatState};
+use serde_json::{json, Value};
+use sqlx::{PgPool, Row};
+use ticketing_tests::TestDatabase;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub db: TestDatabase,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub fn settings(database_url: String, hold_secs: u64) -> Settings {
+    Settings {
+        database_url,
+        addr: "127.0.0.1:0".parse().expect("an address"),
+        max_connections: 16,
+        acquire_timeout_secs: 10,
+        startup_timeout_secs: 5,
+        hold_secs,
+        sweep_every_secs: 1,
+        idempotency_keep_hours: 24,
+        command_attempts: 8,
+        log_json: false,
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with(600).await
+    }
+
+    pub async fn spawn_with(hold_secs: u64) -> anyhow::Result<Self> {
+        let db = TestDatabase::create().await?;
+        let app = App::build(settings(db.url(), hold_secs)).await?;
+        let base = format!("http://{}", app.addr()?);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(app.run_until(stop.clone()));
+        Ok(Self {
+            base,
+            client: reqwest::Client::new(),
+            db,
+            stop,
+            server,
+        })
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        self.post_with(path, body, None).await
+    }
+
+    pub async fn post_with(
+        &self,
+        path: &str,
+        body: &Value,
+        key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.client.post(format!("{}{path}", self.base)).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Creates the show of API.md's example: VIP row A (10 seats at 225.00),
+    /// Floor rows B and C (20 seats each at 90.00).
+    pub async fn jazz_night(&self) -> anyhow::Result<String> {
+        let (status, body) = self.post("/shows", &jazz_night()).await?;
+        ensure!(status == 201, "creating a show: {status} {body}");
+        Ok(body["show_id"].as_str().context("show_id")?.to_owned())
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.server.await??;
+        self.db.drop_database().await
+    }
+}
+
+pub fn jazz_night() -> Value {
+    json!({
+        "name": "Jazz Night", "venue": "Blue Note", "starts_at": "2027-03-01T20:00:00Z",
+        "sections": [
+            { "name": "VIP", "price_cents": 22500, "rows": [ { "row": "A", "seats": 10 } ] },
+            { "name": "Floor", "price_cents": 9000,
+              "rows": [ { "row": "B", "seats": 20 }, { "row": "C", "seats": 20 } ] }
+        ]
+    })
+}
+
+pub fn booking(show_id: &str, seats: &[&str], hold: bool) -> Value {
+    json!({ "show_id": show_id, "user_id": uuid::Uuid::new_v4().to_string(), "seats": seats, "hold": hold })
+}
+
+/// What the whole log says, after checking it is consistent.
+#[derive(Debug, Default)]
+pub struct LogSummary {
+    pub events: usize,
+    pub bookings: BTreeMap<BookingId, Booking>,
+    pub seats: BTreeMap<SeatId, Seat>,
+}
+
+impl LogSummary {
+    /// Seat labels owned now, by booking.
+    pub fn owned_by(&self, booking: BookingId) -> BTreeSet<String> {
+        let now = Utc::now();
+        self.seats
+            .iter()
+            .filter(|(_, seat)| seat.owner_at(now) == Some(booking))
+            .map(|(id, _)| id.label.to_string())
+            .collect()
+    }
+}
+
+/// Replays every stream of the log and checks: every stream's sequences run
+/// 1..n without holes; no seat belongs to two live bookings; every live
+/// booking owns all its seats (booked, when confirmed); every owned seat
+/// belongs to a live booking that lists it.
+pub async fn check_log(pool: &PgPool) -> anyhow::Result<LogSummary> {
+    let rows = sqlx::query(
+        "SELECT aggregate_type, aggregate_id, sequence, payload FROM events
+          ORDER BY aggregate_type, aggregate_id, sequence",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut summary = LogSummary {
+        events: rows.len(),
+        ..LogSummary::default()
+    };
+    let mut last: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for row in rows {
+        let (kind, id): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let sequence: i64 = row.try_get(2)?;
+        let payload: Value = row.try_get(3)?;
+        let previous = last
+            .insert((kind.clone(), id.clone()), sequence)
+            .unwrap_or(0);
+        ensure!(
+            sequence == previous + 1,
+            "{kind} {id}: sequence {sequence} after {previous}"
+        );
+        match kind.as_str() {
+            "Booking" => summary
+                .bookings
+                .entry(id.parse()?)
+                .or_default()
+                .apply(serde_json::from_value(payload)?),
+            "Seat" => summary
+                .seats
+                .entry(id.parse()?)
+                .or_default()
+                .apply(serde_json::from_value(payload)?),
+            _ => {}
+        }
+    }
+    let now = Utc::now();
+    let mut claimed: BTreeMap<String, BookingId> = BTreeMap::new();
+    for (id, booking) in &summary.bookings {
+        if !booking.is_live_at(now) {
+            continue;
+        }
+        let details = booking.details().context("a booking without details")?;
+        for seat in &details.seats {
+            let seat_id = SeatId::new(details.show_id, seat.label.clone());
+            if let Some(other) = claimed.insert(seat_id.to_string(), *id) {
+                anyhow::bail!("seat {seat_id} belongs to live bookings {other} and {id}");
+            }
+            let state = summary.seats.get(&seat_id).map(Seat::state);
+            let owner = summary.seats.get(&seat_id).and_then(|s| s.owner_at(now));
+            ensure!(
+                owner == Some(*id),
+                "live booking {id} does not own {seat_id}: {state:?}"
+            );
+            if booking.state_at(now) == Some(BookingState::Confirmed) {
+                ensure!(
+                    state == Some(SeatState::Booked { booking_id: *id }),
+                    "confirmed booking {id} has seat {seat_id} {state:?}"
+                );
+            }
+        }
+    }
+    for (seat_id, seat) in &summary.seats {
+        if let Some(owner) = seat.owner_at(now) {
+            ensure!(
+                claimed.get(&seat_id.to_string()) == Some(&owner),
+                "seat {seat_id} is owned by {owner}, which is not a live booking listing it"
+            );
+        }
+    }
+    Ok(summary)
+}
