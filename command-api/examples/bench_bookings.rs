@@ -1,0 +1,260 @@
+//! Booking throughput and latency of the command-api against Postgres, next
+//! to the ceiling of the same Postgres measured in the same run: the same
+//! event rows inserted by one bare transaction per booking.
+//!
+//! ```sh
+//! make up
+//! cargo run --release -p command-api --example bench_bookings -- --clients 32 --seconds 5 --rounds 3
+//! ```
+//!
+//! Rounds alternate baseline and service so that both see the same machine
+//! noise; the figures printed are medians over rounds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use clap::Parser;
+use command_api::settings::Settings;
+use command_api::startup::App;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use ticketing_tests::TestDatabase;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Alternating baseline/service rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+/// Row names of the benchmark show: 100 rows of 1,000 seats.
+fn row_name(n: usize) -> String {
+    let letter = |i: usize| char::from(b'A' + u8::try_from(i % 26).unwrap_or(0));
+    format!("{}{}", letter(n / 26), letter(n))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    failures: usize,
+}
+
+fn figures(mut latencies: Vec<Duration>, failures: usize, elapsed: Duration) -> Figures {
+    latencies.sort();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    Figures {
+        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        failures,
+    }
+}
+
+/// Runs `clients` loops of `one` for `seconds`, timing each call.
+async fn measure<F, Fut>(clients: usize, seconds: u64, one: F) -> Figures
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let one = Arc::new(one);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|client| {
+            let one = Arc::clone(&one);
+            tokio::spawn(async move {
+                let (mut latencies, mut failures, mut n) = (Vec::new(), 0, 0);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if one(client, n).await {
+                        latencies.push(t.elapsed());
+                    } else {
+                        failures += 1;
+                    }
+                    n += 1;
+                }
+                (latencies, failures)
+            })
+        })
+        .collect();
+    let (mut all, mut failures) = (Vec::new(), 0);
+    for task in tasks {
+        if let Ok((latencies, f)) = task.await {
+            all.extend(latencies);
+            failures += f;
+        }
+    }
+    figures(all, failures, start.elapsed())
+}
+
+/// The rows a two-seat booking appends, inserted by a bare transaction.
+async fn bare_booking(pool: &PgPool, client: usize, n: usize) -> bool {
+    let booking = uuid::Uuid::new_v4().to_string();
+    let show = "00000000-0000-4000-8000-000000000001";
+    let payload = json!({"BookingPlaced": {"booking_id": booking, "show_id": show,
+        "user_id": booking, "seats": [{"label": "A1", "price_cents": 1}, {"label": "A2", "price_cents": 1}],
+        "total_cents": 2, "placed_at": "2027-01-01T00:00:00Z"}})
+    .to_string();
+    let seat = |i: usize| format!("{show}:B{client}x{n}x{i}");
+    let seat_payload =
+        json!({"SeatBooked": {"show_id": show, "label": "A1", "booking_id": booking}}).to_string();
+    let run = async {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('Booking', $1, 1, 'BookingPlaced', '1', $2::json, '{}'),
+                    ('Seat', $3, 1, 'SeatBooked', '1', $4::json, '{}'),
+                    ('Seat', $5, 1, 'SeatBooked', '1', $4::json, '{}')",
+        )
+        .bind(&booking)
+        .bind(&payload)
+        .bind(seat(1))
+        .bind(&seat_payload)
+        .bind(seat(2))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(())
+    };
+    run.await.is_ok()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let db = TestDatabase::create()
+        .await
+        .context("Postgres (run `make up`)")?;
+    let mut settings: Settings = test_settings(db.url());
+    settings.max_connections = 16;
+    let app = App::build(settings).await?;
+    let base = format!("http://{}", app.addr()?);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(app.run_until(stop.clone()));
+    let client = reqwest::Client::new();
+
+    let rows: Vec<Value> = (0..100)
+        .map(|r| json!({"row": row_name(r), "seats": 1000}))
+        .collect();
+    let show: Value = client
+        .post(format!("{base}/shows"))
+        .json(
+            &json!({"name": "Benchmark", "venue": "Stadium", "starts_at": "2027-09-01T19:00:00Z",
+                      "sections": [{"name": "All", "price_cents": 5000, "rows": rows}]}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    let show_id = show["show_id"].as_str().context("show created")?.to_owned();
+    ensure!(
+        args.clients <= 50,
+        "each client books from its own two rows: at most 50 clients"
+    );
+
+    let pool = db.pool.clone();
+    let mut baseline = Vec::new();
+    let mut service = Vec::new();
+    // Each client books seats 2n+1 and 2n+2 of its rows, round after round.
+    let offset = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for round in 0..args.rounds {
+        let pool = pool.clone();
+        baseline.push(
+            measure(args.clients, args.seconds, move |c, n| {
+                let pool = pool.clone();
+                async move { bare_booking(&pool, c, n + round * 1_000_000).await }
+            })
+            .await,
+        );
+        let (client, base, show_id, offset) = (
+            client.clone(),
+            base.clone(),
+            show_id.clone(),
+            Arc::clone(&offset),
+        );
+        let start = offset.load(std::sync::atomic::Ordering::SeqCst);
+        service.push(
+            measure(args.clients, args.seconds, move |c, n| {
+                let seat = start + n;
+                let (row, number) = (2 * c + seat / 500, 2 * (seat % 500) + 1);
+                let body = json!({"show_id": show_id, "user_id": "00000000-0000-4000-8000-00000000000a",
+                    "seats": [format!("{}{}", row_name(row), number), format!("{}{}", row_name(row), number + 1)]});
+                let (client, base) = (client.clone(), base.clone());
+                async move {
+                    matches!(client.post(format!("{base}/bookings")).json(&body).send().await,
+                             Ok(r) if r.status() == 201)
+                }
+            })
+            .await,
+        );
+        let done = service
+            .last()
+            .map_or(0, |f| (f.per_second * args.seconds as f64) as usize);
+        offset.fetch_add(
+            done / args.clients + 10,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        println!("round {round}: baseline {:?}", baseline[round]);
+        println!("round {round}: service  {:?}", service[round]);
+    }
+
+    let median = |v: &[Figures], f: fn(&Figures) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let (b, s) = (&baseline, &service);
+    println!(
+        "\n{} clients, {} rounds of {} s, medians:",
+        args.clients, args.rounds, args.seconds
+    );
+    println!(
+        "bare Postgres transaction per booking: {:8.0} tx/s   p50 {:6.2} ms   p99 {:6.2} ms",
+        median(b, |f| f.per_second),
+        median(b, |f| f.p50_ms),
+        median(b, |f| f.p99_ms)
+    );
+    println!(
+        "command-api POST /bookings (2 seats):  {:8.0} bookings/s  p50 {:6.2} ms   p99 {:6.2} ms   failures {}",
+        median(s, |f| f.per_second), median(s, |f| f.p50_ms), median(s, |f| f.p99_ms),
+        s.iter().map(|f| f.failures).sum::<usize>()
+    );
+    println!(
+        "ratio command-api / bare: {:.2} (throughput)",
+        median(s, |f| f.per_second) / median(b, |f| f.per_second)
+    );
+    stop.cancel();
+    server.await??;
+    db.drop_database().await
+}
+
+fn test_settings(database_url: String) -> Settings {
+    Settings {
+        database_url,
+        addr: "127.0.0.1:0"
+            .parse()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        max_connections: 16,
+        acquire_timeout_secs: 10,
+        startup_timeout_secs: 10,
+        hold_secs: 600,
+        sweep_every_secs: 5,
+        idempotency_keep_hours: 24,
+        command_attempts: 8,
+        log_json: false,
+    }
+}
