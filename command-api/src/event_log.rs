@@ -94,7 +94,7 @@ pub async fn lock_streams(
 }
 
 /// A stable 64-bit key for a stream (FNV-1a): the same in every process.
-fn stream_key(aggregate_type: &str, id: &str) -> i64 {
+pub(crate) fn stream_key(aggregate_type: &str, id: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in aggregate_type.bytes().chain([b':']).chain(id.bytes()) {
         hash ^= u64::from(byte);

@@ -9,6 +9,7 @@
 pub mod error;
 pub mod event_log;
 pub mod idempotency;
+pub mod relay;
 pub mod reply;
 pub mod routes;
 pub mod sales;

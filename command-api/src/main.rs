@@ -1,5 +1,6 @@
-//! `command-api`: serves the write API (the default), or applies the
-//! migrations and exits (`command-api migrate`).
+//! `command-api`: serves the write API with the relay to Kafka (the
+//! default), applies the migrations and exits (`command-api migrate`), or
+//! runs only the relay (`command-api relay`).
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Only relay the event log to Kafka (any number may run: one publishes).
+    Relay,
 }
 
 #[tokio::main]
@@ -47,6 +50,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             startup::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(())
+        }
+        Command::Relay => {
+            let stop = CancellationToken::new();
+            tokio::spawn(stop_on_signal(stop.clone()));
+            startup::run_relay(cli.settings, stop).await
         }
         Command::Serve => {
             let app = App::build(cli.settings).await?;

@@ -3,6 +3,7 @@
 
 use axum::extract::{FromRequest, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::Extension;
 use domain::box_office::{BookingRequest, Purchase};
 use domain::{
     Booking, BookingId, BookingState, Cents, Row, RowName, SeatLabel, SeatMap, Section,
@@ -16,6 +17,7 @@ use utoipa::ToSchema;
 use crate::error::{member, ApiError};
 use crate::event_log::LogError;
 use crate::idempotency::Keyed;
+use crate::relay::RelayStatus;
 use crate::reply::Reply;
 use crate::sales::{Sales, Settle};
 
@@ -317,13 +319,20 @@ fn location(collection: &str, id: &str) -> HeaderValue {
 }
 
 /// `GET /readyz`: 200 when Postgres answers, 503 whenever it does not,
-/// whatever the failure looks like.
-pub async fn readyz(State(sales): State<Sales>) -> Result<StatusCode, ApiError> {
+/// whatever the failure looks like. Kafka being down does not make the
+/// service unready (commands are still taken; the log is the outbox), so the
+/// relay's state and lag are detail in the body.
+pub async fn readyz(
+    State(sales): State<Sales>,
+    Extension(relay): Extension<RelayStatus>,
+) -> Result<axum::Json<Value>, ApiError> {
     sqlx::query("SELECT 1")
         .execute(sales.pool())
         .await
         .map_err(LogError::Unreachable)?;
-    Ok(StatusCode::OK)
+    Ok(axum::Json(
+        serde_json::json!({ "postgres": "up", "relay": relay.report() }),
+    ))
 }
 
 /// The OpenAPI document.

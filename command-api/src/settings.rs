@@ -38,6 +38,13 @@ pub struct Settings {
     /// How many times a command is run when it meets concurrent writers.
     #[arg(long, env = "COMMAND_ATTEMPTS", default_value_t = 8)]
     pub command_attempts: u32,
+    /// Run the relay to Kafka in this process (`false` when another process
+    /// runs `command-api relay`; running it in several is safe either way).
+    #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub relay_enabled: bool,
+    /// The relay's settings.
+    #[command(flatten)]
+    pub relay: crate::relay::RelaySettings,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,

@@ -7,7 +7,7 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use tokio::net::TcpListener;
@@ -16,6 +16,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
+use crate::relay::{Relay, RelayStatus};
 use crate::routes;
 use crate::sales::Sales;
 use crate::settings::Settings;
@@ -28,7 +29,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// The HTTP routes, for the server and for tests.
-pub fn router(sales: Sales) -> Router {
+pub fn router(sales: Sales, relay: RelayStatus) -> Router {
     Router::new()
         .route("/shows", post(routes::create_show))
         .route("/bookings", post(routes::place_booking))
@@ -40,6 +41,7 @@ pub fn router(sales: Sales) -> Router {
             "/openapi.json",
             get(|| async { axum::Json(routes::ApiDoc::openapi()) }),
         )
+        .layer(Extension(relay))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -87,10 +89,24 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying migrations")
 }
 
+/// `command-api relay`: only the relay, until `stop`.
+///
+/// # Errors
+/// When Postgres is unreachable at start-up or a migration fails.
+pub async fn run_relay(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
+    let pool = connect(&settings).await?;
+    migrate(&pool).await?;
+    let relay = Relay::new(pool.clone(), settings.relay)?;
+    relay.run(stop).await;
+    pool.close().await;
+    Ok(())
+}
+
 /// A running command-api.
 pub struct App {
     listener: TcpListener,
     sales: Sales,
+    relay: Option<Relay>,
     settings: Settings,
 }
 
@@ -105,10 +121,18 @@ impl App {
         let listener = TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.addr))?;
+        // Kafka is not needed to take commands: the relay connects, and
+        // reconnects, on its own.
+        let relay = if settings.relay_enabled {
+            Some(Relay::new(pool.clone(), settings.relay.clone())?)
+        } else {
+            None
+        };
         let sales = Sales::new(pool, settings.hold_for(), settings.command_attempts);
         Ok(Self {
             listener,
             sales,
+            relay,
             settings,
         })
     }
@@ -132,13 +156,23 @@ impl App {
             Duration::from_secs(self.settings.idempotency_keep_hours * 3600),
             stop.clone(),
         ));
-        tracing::info!(addr = %self.addr()?, "command-api listening");
-        let served = axum::serve(self.listener, router(self.sales.clone()))
+        let relay_status = self.relay.as_ref().map_or_else(
+            || RelayStatus::disabled(&self.settings.relay.relay_topic),
+            Relay::status,
+        );
+        let relay = self
+            .relay
+            .map(|relay| tokio::spawn(relay.run(stop.clone())));
+        tracing::info!(addr = %self.listener.local_addr()?, "command-api listening");
+        let served = axum::serve(self.listener, router(self.sales.clone(), relay_status))
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .await
             .context("server failed");
         stop.cancel();
         let _ = sweeper.await;
+        if let Some(relay) = relay {
+            let _ = relay.await;
+        }
         self.sales.pool().close().await;
         served
     }

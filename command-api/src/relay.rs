@@ -1,0 +1,551 @@
+//! The relay: publishes every committed event of the log to Kafka, in commit
+//! order, at least once, whatever crashes.
+//!
+//! It reads the log in `(tx_id, global_position)` order, only below the
+//! oldest transaction still open, so an event whose transaction commits late
+//! is published late but never skipped (a plain `global_position > last`
+//! cursor would skip it). Its cursor is stored only after Kafka acknowledged
+//! every message up to it, so a crash republishes, never loses; consumers
+//! deduplicate by `(aggregate_id, sequence)`.
+//!
+//! One relay per topic is active across all processes: it holds a Postgres
+//! session advisory lock on a connection of its own and reads and checkpoints
+//! through that same connection, so if the connection dies the lock is gone
+//! and so is its ability to move the cursor. The others retry the lock every
+//! `RELAY_STANDBY_POLL_MS` and take over within about that long.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use domain::envelope::{AnyEvent, PublishedEvent, ENVELOPE_VERSION};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde::Serialize;
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::{Connection, PgConnection, Row};
+use tokio_util::sync::CancellationToken;
+
+/// The channel the `events_wake_relay` trigger notifies at every commit.
+const WAKE_CHANNEL: &str = "events_committed";
+
+/// `ce_source` of every published event.
+pub const CE_SOURCE: &str = "/ticketing/command-api";
+
+/// Settings of the relay.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelaySettings {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// The topic events are published to.
+    #[arg(long, env = "RELAY_TOPIC", default_value = domain::envelope::EVENTS_TOPIC)]
+    pub relay_topic: String,
+    /// Partitions of the topic when the relay has to create it.
+    #[arg(long, env = "RELAY_PARTITIONS", default_value_t = 6,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub relay_partitions: i32,
+    /// Most events read and published per batch.
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 1000,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub relay_batch: i64,
+    /// Longest wait for new events when no notification arrives, in ms (it
+    /// also bounds the delay after a long-open transaction finally ends).
+    #[arg(long, env = "RELAY_POLL_MS", default_value_t = 500)]
+    pub relay_poll_ms: u64,
+    /// How often a standby relay tries to take over, in ms.
+    #[arg(long, env = "RELAY_STANDBY_POLL_MS", default_value_t = 1000)]
+    pub relay_standby_poll_ms: u64,
+    /// How long Kafka may take to acknowledge a message before the batch is
+    /// retried, in ms.
+    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 15_000)]
+    pub relay_ack_timeout_ms: u64,
+}
+
+/// Where the relay has published up to: the last event acknowledged by Kafka,
+/// in `(tx_id, global_position)` order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cursor {
+    /// The transaction id (xid8) as text.
+    pub tx_id: String,
+    /// The global position.
+    pub global_position: i64,
+}
+
+impl Cursor {
+    /// Before the first event.
+    pub fn start() -> Self {
+        Self {
+            tx_id: "0".to_owned(),
+            global_position: 0,
+        }
+    }
+}
+
+/// What the relay is doing, for `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Not running in this process.
+    Disabled,
+    /// Connecting or recovering from an error.
+    Starting,
+    /// Another process holds the relay lock.
+    Standby,
+    /// This process publishes.
+    Active,
+}
+
+/// The relay's state as last seen.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayReport {
+    /// What it is doing.
+    pub role: Role,
+    /// The topic.
+    pub topic: String,
+    /// The cursor (active relay only).
+    pub published_through: Option<Cursor>,
+    /// Events in the log not yet published (active relay only).
+    pub lag_events: Option<i64>,
+    /// Age of the oldest unpublished event, in seconds (active relay only).
+    pub lag_seconds: Option<f64>,
+    /// Events published by this process since it started.
+    pub published: u64,
+    /// The last error, until the next successful batch.
+    pub last_error: Option<String>,
+}
+
+/// Shared view of the relay's state.
+#[derive(Debug, Clone)]
+pub struct RelayStatus(Arc<Mutex<RelayReport>>);
+
+impl RelayStatus {
+    fn new(role: Role, topic: &str) -> Self {
+        Self(Arc::new(Mutex::new(RelayReport {
+            role,
+            topic: topic.to_owned(),
+            published_through: None,
+            lag_events: None,
+            lag_seconds: None,
+            published: 0,
+            last_error: None,
+        })))
+    }
+
+    /// For a process that does not run the relay.
+    pub fn disabled(topic: &str) -> Self {
+        Self::new(Role::Disabled, topic)
+    }
+
+    /// A copy of the current state.
+    pub fn report(&self) -> Option<RelayReport> {
+        self.0.lock().ok().map(|report| report.clone())
+    }
+
+    fn update(&self, change: impl FnOnce(&mut RelayReport)) {
+        if let Ok(mut report) = self.0.lock() {
+            change(&mut report);
+        }
+    }
+}
+
+/// One event read from the log, ready to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Its place in relay order.
+    pub cursor: Cursor,
+    /// The envelope.
+    pub event: PublishedEvent,
+}
+
+/// The relay of one topic.
+pub struct Relay {
+    pool: PgPool,
+    settings: RelaySettings,
+    status: RelayStatus,
+    /// Names this process in the checkpoint table and in Postgres'
+    /// `application_name`.
+    instance: String,
+    lock_key: i64,
+}
+
+/// Builds the idempotent, `acks=all` producer the relay publishes with.
+///
+/// # Errors
+/// When librdkafka refuses the configuration.
+pub fn producer(brokers: &str, ack_timeout: Duration) -> anyhow::Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", ack_timeout.as_millis().to_string())
+        .create()
+        .context("creating the Kafka producer")
+}
+
+impl Relay {
+    /// A relay over `pool`'s database. Connects to nothing yet.
+    ///
+    /// # Errors
+    /// When the producer cannot be configured.
+    pub fn new(pool: PgPool, settings: RelaySettings) -> anyhow::Result<Self> {
+        // Fail at start-up, not in the loop, on a configuration librdkafka refuses.
+        drop(producer(&settings.kafka_brokers, Duration::from_secs(1))?);
+        let status = RelayStatus::new(Role::Starting, &settings.relay_topic);
+        let lock_key = crate::event_log::stream_key("relay", &settings.relay_topic);
+        Ok(Self {
+            pool,
+            status,
+            instance: format!("relay-{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+            lock_key,
+            settings,
+        })
+    }
+
+    /// The shared state, for `/readyz`.
+    pub fn status(&self) -> RelayStatus {
+        self.status.clone()
+    }
+
+    /// This process' name in the checkpoint table.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Runs until `stop`: waits for the lock, then publishes; on any error
+    /// lets the lock go, backs off and starts over.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        while !stop.is_cancelled() {
+            match self.lead(&stop).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(topic = %self.settings.relay_topic, "relay: {error:#}; retrying in {backoff:?}");
+                    // While it cannot publish, the backlog still shows.
+                    let lag = self.lag_from_checkpoint().await.ok();
+                    self.status.update(|report| {
+                        report.role = Role::Starting;
+                        report.last_error = Some(format!("{error:#}"));
+                        if let Some((events, seconds)) = lag {
+                            report.lag_events = Some(events);
+                            report.lag_seconds = Some(seconds);
+                        }
+                    });
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn lead(&self, stop: &CancellationToken) -> anyhow::Result<()> {
+        let options = self
+            .pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .application_name(&self.instance);
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .context("connecting to postgres")?;
+        let standby_poll = Duration::from_millis(self.settings.relay_standby_poll_ms);
+        loop {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(self.lock_key)
+                .fetch_one(&mut conn)
+                .await
+                .context("taking the relay lock")?;
+            if locked {
+                break;
+            }
+            self.status.update(|report| {
+                report.role = Role::Standby;
+                report.last_error = None;
+            });
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(standby_poll) => {}
+            }
+        }
+        tracing::info!(topic = %self.settings.relay_topic, instance = %self.instance, "relay: active");
+        ensure_topic(&self.settings).await?;
+        // A new producer for every term: after a failure an idempotent
+        // producer may be fenced for good (a broker that restarted without
+        // its producer state answers with a fatal sequence error).
+        let producer = producer(
+            &self.settings.kafka_brokers,
+            Duration::from_millis(self.settings.relay_ack_timeout_ms),
+        )?;
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .context("listening for commits")?;
+        listener
+            .listen(WAKE_CHANNEL)
+            .await
+            .context("listening for commits")?;
+        let mut cursor = checkpoint(&mut conn, &self.settings.relay_topic).await?;
+        self.status.update(|report| {
+            report.role = Role::Active;
+            report.published_through = Some(cursor.clone());
+        });
+        let poll = Duration::from_millis(self.settings.relay_poll_ms.max(1));
+        let mut lag_measured = Instant::now() - Duration::from_secs(60);
+        while !stop.is_cancelled() {
+            let batch = read_batch(&mut conn, &cursor, self.settings.relay_batch).await?;
+            if let Some(last) = batch.last() {
+                let last = last.cursor.clone();
+                publish(&producer, &self.settings.relay_topic, &batch).await?;
+                save_checkpoint(&mut conn, &self.settings.relay_topic, &last, &self.instance)
+                    .await?;
+                cursor = last;
+                let published = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+                self.status.update(|report| {
+                    report.published_through = Some(cursor.clone());
+                    report.published += published;
+                    report.last_error = None;
+                });
+            }
+            // Counting the backlog is not free: at most once a second.
+            if lag_measured.elapsed() >= Duration::from_secs(1) {
+                let (events, seconds) = lag(&mut conn, &cursor).await?;
+                self.status.update(|report| {
+                    report.lag_events = Some(events);
+                    report.lag_seconds = Some(seconds);
+                });
+                lag_measured = Instant::now();
+            }
+            if i64::try_from(batch.len()).unwrap_or(i64::MAX) < self.settings.relay_batch {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    _ = tokio::time::timeout(poll, listener.recv()) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn lag_from_checkpoint(&self) -> anyhow::Result<(i64, f64)> {
+        let mut conn = self.pool.acquire().await?;
+        let cursor = checkpoint(&mut conn, &self.settings.relay_topic).await?;
+        lag(&mut conn, &cursor).await
+    }
+}
+
+/// Sends every event of the batch and waits until Kafka acknowledged them
+/// all. Any failure fails the whole batch: it is sent again from the
+/// same cursor.
+///
+/// # Errors
+/// When Kafka refuses or does not acknowledge a message in time.
+pub async fn publish(
+    producer: &FutureProducer,
+    topic: &str,
+    batch: &[Outgoing],
+) -> anyhow::Result<()> {
+    let mut acks = Vec::with_capacity(batch.len());
+    for outgoing in batch {
+        let event = &outgoing.event;
+        let body = serde_json::to_vec(event).context("encoding an envelope")?;
+        let key = event.key();
+        let ce_id = format!(
+            "{}/{}/{}",
+            event.aggregate_type, event.aggregate_id, event.sequence
+        );
+        let ce_time = event.recorded_at.to_rfc3339();
+        let headers = OwnedHeaders::new()
+            .insert(header("ce_specversion", "1.0"))
+            .insert(header("ce_type", &event.event_type))
+            .insert(header("ce_id", &ce_id))
+            .insert(header("ce_source", CE_SOURCE))
+            .insert(header("ce_time", &ce_time))
+            .insert(header("content-type", "application/json"));
+        let record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&body)
+            .headers(headers);
+        let ack = producer
+            .send_result(record)
+            .map_err(|(error, _)| error)
+            .context("queueing a message")?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await
+            .context("the producer went away")?
+            .map_err(|(error, _)| error)
+            .context("Kafka did not acknowledge a message")?;
+    }
+    Ok(())
+}
+
+/// Creates the topic when it is missing.
+///
+/// # Errors
+/// When Kafka is unreachable or refuses.
+pub async fn ensure_topic(settings: &RelaySettings) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka_brokers)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let topic = NewTopic::new(
+        &settings.relay_topic,
+        settings.relay_partitions,
+        TopicReplication::Fixed(1),
+    );
+    let results = admin
+        .create_topics(
+            &[topic],
+            &AdminOptions::new()
+                .operation_timeout(Some(Duration::from_secs(10)))
+                .request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .context("creating the topic")?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => anyhow::bail!("creating topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+/// The stored cursor of `topic`, or the start of the log.
+///
+/// # Errors
+/// Store errors.
+pub async fn checkpoint(conn: &mut PgConnection, topic: &str) -> anyhow::Result<Cursor> {
+    let row = sqlx::query(
+        "SELECT tx_id::text AS tx_id, global_position FROM relay_checkpoints WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_optional(conn)
+    .await
+    .context("reading the relay checkpoint")?;
+    Ok(match row {
+        Some(row) => Cursor {
+            tx_id: row.try_get("tx_id")?,
+            global_position: row.try_get("global_position")?,
+        },
+        None => Cursor::start(),
+    })
+}
+
+async fn save_checkpoint(
+    conn: &mut PgConnection,
+    topic: &str,
+    cursor: &Cursor,
+    instance: &str,
+) -> anyhow::Result<()> {
+    // Never moves backwards, whoever writes.
+    sqlx::query(
+        "INSERT INTO relay_checkpoints (topic, tx_id, global_position, relay)
+         VALUES ($1, $2::text::xid8, $3, $4)
+         ON CONFLICT (topic) DO UPDATE
+            SET tx_id = excluded.tx_id, global_position = excluded.global_position,
+                relay = excluded.relay, updated_at = now()
+          WHERE (relay_checkpoints.tx_id, relay_checkpoints.global_position)
+              < (excluded.tx_id, excluded.global_position)",
+    )
+    .bind(topic)
+    .bind(&cursor.tx_id)
+    .bind(cursor.global_position)
+    .bind(instance)
+    .execute(conn)
+    .await
+    .context("saving the relay checkpoint")?;
+    Ok(())
+}
+
+/// The next events after `cursor` whose transactions have committed, and
+/// below every transaction still open, so none can appear before them later.
+///
+/// # Errors
+/// Store errors, and an event that does not decode (the log and the code
+/// disagree: the relay stops there rather than skip it).
+pub async fn read_batch(
+    conn: &mut PgConnection,
+    cursor: &Cursor,
+    limit: i64,
+) -> anyhow::Result<Vec<Outgoing>> {
+    let rows = sqlx::query(
+        "SELECT tx_id::text AS tx_id, global_position, aggregate_type, aggregate_id, sequence,
+                event_type, event_version, payload, metadata, recorded_at
+           FROM events
+          WHERE (tx_id, global_position) > ($1::text::xid8, $2)
+            AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY tx_id, global_position
+          LIMIT $3",
+    )
+    .bind(&cursor.tx_id)
+    .bind(cursor.global_position)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .context("reading the log")?;
+    rows.into_iter()
+        .map(|row| {
+            let aggregate_type: String = row.try_get("aggregate_type")?;
+            let aggregate_id: String = row.try_get("aggregate_id")?;
+            let sequence: i64 = row.try_get("sequence")?;
+            let payload: serde_json::Value = row.try_get("payload")?;
+            let metadata: serde_json::Value = row.try_get("metadata")?;
+            let decoded = AnyEvent::decode(&aggregate_type, &payload).with_context(|| {
+                format!("event {aggregate_type} {aggregate_id}#{sequence} does not decode")
+            })?;
+            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+            let global_position: i64 = row.try_get("global_position")?;
+            Ok(Outgoing {
+                cursor: Cursor {
+                    tx_id: row.try_get("tx_id")?,
+                    global_position,
+                },
+                event: PublishedEvent {
+                    envelope_version: ENVELOPE_VERSION,
+                    show_id: decoded.show_id(),
+                    aggregate_type,
+                    aggregate_id,
+                    sequence: u64::try_from(sequence).context("a negative sequence")?,
+                    event_type: row.try_get("event_type")?,
+                    event_version: row.try_get("event_version")?,
+                    global_position,
+                    recorded_at,
+                    payload,
+                    metadata: serde_json::from_value(metadata).unwrap_or_default(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// Events after `cursor` and the age of the oldest of them, in seconds.
+async fn lag(conn: &mut PgConnection, cursor: &Cursor) -> anyhow::Result<(i64, f64)> {
+    let row = sqlx::query(
+        "SELECT count(*) AS events,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at))::float8, 0) AS seconds
+           FROM events
+          WHERE (tx_id, global_position) > ($1::text::xid8, $2)",
+    )
+    .bind(&cursor.tx_id)
+    .bind(cursor.global_position)
+    .fetch_one(conn)
+    .await
+    .context("measuring the relay's lag")?;
+    Ok((row.try_get("events")?, row.try_get("seconds")?))
+}
