@@ -27,6 +27,7 @@ fn start_binary(database_url: &str, port: u16) -> anyhow::Result<Child> {
     Ok(Command::new(env!("CARGO_BIN_EXE_command-api"))
         .env("DATABASE_URL", database_url)
         .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+        .env("RELAY_ENABLED", "false")
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -12,6 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use uuid::Uuid;
 
+pub mod kafka;
+
 /// Postgres server of the tests (`TEST_DATABASE_URL`, then `DATABASE_URL`).
 pub fn postgres_url() -> String {
     std::env::var("TEST_DATABASE_URL")

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{ensure, Context};
 use chrono::Utc;
+use command_api::relay::RelaySettings;
 use command_api::settings::Settings;
 use command_api::startup::App;
 use cqrs_es::Aggregate;
@@ -35,7 +36,22 @@ pub fn settings(database_url: String, hold_secs: u64) -> Settings {
         sweep_every_secs: 1,
         idempotency_keep_hours: 24,
         command_attempts: 8,
+        relay_enabled: false,
+        relay: relay_settings("ticketing.unused", &ticketing_tests::kafka_brokers()),
         log_json: false,
+    }
+}
+
+/// Relay settings for tests: small batches, short waits.
+pub fn relay_settings(topic: &str, brokers: &str) -> RelaySettings {
+    RelaySettings {
+        kafka_brokers: brokers.to_owned(),
+        relay_topic: topic.to_owned(),
+        relay_partitions: 3,
+        relay_batch: 50,
+        relay_poll_ms: 200,
+        relay_standby_poll_ms: 300,
+        relay_ack_timeout_ms: 15_000,
     }
 }
 
@@ -45,8 +61,23 @@ impl TestApp {
     }
 
     pub async fn spawn_with(hold_secs: u64) -> anyhow::Result<Self> {
+        Self::spawn_with_settings(|s| s.hold_secs = hold_secs).await
+    }
+
+    /// With the relay running in the server, to `topic` on `brokers`.
+    pub async fn spawn_relaying(topic: &str, brokers: &str) -> anyhow::Result<Self> {
+        Self::spawn_with_settings(|s| {
+            s.relay_enabled = true;
+            s.relay = relay_settings(topic, brokers);
+        })
+        .await
+    }
+
+    pub async fn spawn_with_settings(change: impl FnOnce(&mut Settings)) -> anyhow::Result<Self> {
         let db = TestDatabase::create().await?;
-        let app = App::build(settings(db.url(), hold_secs)).await?;
+        let mut settings = settings(db.url(), 600);
+        change(&mut settings);
+        let app = App::build(settings).await?;
         let base = format!("http://{}", app.addr()?);
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until(stop.clone()));

@@ -1,0 +1,451 @@
+//! The relay against the real Postgres and the real (Tansu) broker: late
+//! commits, killed relays, two relays, a stopped broker. Each test has its
+//! own database and topic.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use command_api::relay::Relay;
+use command_api::sales::Sales;
+use common::{relay_settings, TestApp};
+use domain::box_office::{BookingRequest, Purchase};
+use domain::{BookingId, SeatLabel, ShowId, UserId};
+use serde_json::{json, Value};
+use ticketing_tests::kafka::{check_against_log, distinct_events, events_in_log, read_topic};
+use ticketing_tests::{kafka_brokers, unique_name};
+use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// `command-api relay` as a process of its own, so that it can be killed.
+fn start_relay(database_url: &str, topic: &str) -> anyhow::Result<Child> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_command-api"))
+        .arg("relay")
+        .env("DATABASE_URL", database_url)
+        .env("KAFKA_BROKERS", kafka_brokers())
+        .env("RELAY_TOPIC", topic)
+        .env("RELAY_PARTITIONS", "3")
+        .env("RELAY_BATCH", "20")
+        .env("RELAY_POLL_MS", "100")
+        .env("RELAY_STANDBY_POLL_MS", "300")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// Reads the topic until every event of the log is there (or 60 s), then
+/// checks it against the log; returns the number of repeats.
+async fn everything_arrives(app: &TestApp, topic: &str) -> anyhow::Result<usize> {
+    let expected = events_in_log(&app.db.pool).await?;
+    let received = read_topic(topic, Duration::from_secs(60), |r| {
+        distinct_events(r) >= expected
+    })
+    .await?;
+    check_against_log(&app.db.pool, &received).await
+}
+
+/// Buyers booking and cancelling over HTTP until `running` is cleared.
+fn buyers(app: &TestApp, show_id: &str, running: &Arc<AtomicBool>) -> JoinSet<usize> {
+    let mut buyers = JoinSet::new();
+    for buyer in 0..4u32 {
+        let (client, base) = (app.client.clone(), app.base.clone());
+        let (show_id, running) = (show_id.to_owned(), Arc::clone(running));
+        buyers.spawn(async move {
+            let mut placed = 0;
+            let mut n = buyer;
+            while running.load(Ordering::Relaxed) {
+                // A steady load, not a flood: the broker on this machine is
+                // Tansu on SQLite, and the point is concurrency, not volume.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let seat = format!("{}{}", ['A', 'B', 'C'][(n % 3) as usize], n / 3 % 20 + 1);
+                let body = json!({"show_id": show_id, "user_id": uuid::Uuid::new_v4().to_string(),
+                                  "seats": [seat], "hold": false});
+                let Ok(response) = client
+                    .post(format!("{base}/bookings"))
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(answer) = response.json::<Value>().await else {
+                    continue;
+                };
+                if let Some(id) = answer["booking_id"].as_str() {
+                    placed += 1;
+                    let _ = client
+                        .post(format!("{base}/bookings/{id}/cancel"))
+                        .send()
+                        .await;
+                }
+            }
+            placed
+        });
+    }
+    buyers
+}
+
+async fn three_row_show(app: &TestApp) -> anyhow::Result<String> {
+    let rows: Vec<Value> = ["A", "B", "C"]
+        .iter()
+        .map(|r| json!({"row": r, "seats": 20}))
+        .collect();
+    let (status, body) = app
+        .post(
+            "/shows",
+            &json!({"name": "Relay Night", "venue": "Hall", "starts_at": "2027-06-01T19:00:00Z",
+                    "sections": [{"name": "All", "price_cents": 1000, "rows": rows}]}),
+        )
+        .await?;
+    ensure!(status == 201, "creating the show: {status} {body}");
+    Ok(body["show_id"].as_str().context("show_id")?.to_owned())
+}
+
+async fn placed(set: &mut JoinSet<usize>) -> usize {
+    let mut total = 0;
+    while let Some(done) = set.join_next().await {
+        total += done.unwrap_or(0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_commits_late_is_published_after_the_earlier_commit_and_not_skipped(
+) -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let topic = unique_name("relay_gap");
+    let relay = Relay::new(
+        app.db.pool.clone(),
+        relay_settings(&topic, &kafka_brokers()),
+    )?;
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(relay.run(stop.clone()));
+    let show_id = three_row_show(&app).await?;
+
+    // A takes the earlier global positions but stays open...
+    let sales = Sales::new(app.db.pool.clone(), Duration::from_secs(600), 8);
+    let show = sales.show(show_id.parse::<ShowId>()?).await?;
+    let mut late = app.db.pool.begin().await?;
+    let late_booking = BookingId::from_uuid(uuid::Uuid::new_v4());
+    Sales::place(
+        &mut late,
+        &show,
+        BookingRequest {
+            booking_id: late_booking,
+            show_id: show_id.parse()?,
+            user_id: UserId::from_uuid(uuid::Uuid::new_v4()),
+            seats: vec!["A1".parse::<SeatLabel>()?],
+            purchase: Purchase::Book,
+        },
+        Sales::now(),
+    )
+    .await?;
+    // ...while B, later in every respect, commits first.
+    let (status, body) = app
+        .post("/bookings", &common::booking(&show_id, &["B1"], false))
+        .await?;
+    ensure!(status == 201, "{status} {body}");
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT global_position FROM events ORDER BY global_position")
+            .fetch_all(&app.db.pool)
+            .await?;
+    ensure!(positions.len() == 3, "show and B only: {positions:?}");
+
+    // B is committed, but must wait for A: publishing it now and moving the
+    // cursor past A's positions is exactly how A would be lost.
+    let early = read_topic(&topic, Duration::from_secs(3), |_| false).await?;
+    ensure!(
+        early.len() == 1 && early[0].event.event_type == "ShowCreated",
+        "published while A was open: {:?}",
+        early
+            .iter()
+            .map(|r| &r.event.event_type)
+            .collect::<Vec<_>>()
+    );
+    late.commit().await?;
+    let late_position: i64 =
+        sqlx::query_scalar("SELECT min(global_position) FROM events WHERE aggregate_id = $1")
+            .bind(late_booking.to_string())
+            .fetch_one(&app.db.pool)
+            .await?;
+    ensure!(
+        late_position < positions[1],
+        "A was meant to hold the earlier position"
+    );
+
+    let repeats = everything_arrives(&app, &topic).await?;
+    ensure!(repeats == 0, "{repeats} repeats without any crash");
+    let received = read_topic(&topic, Duration::from_secs(10), |r| r.len() >= 5).await?;
+    let first_a = received
+        .iter()
+        .position(|r| r.event.aggregate_id == late_booking.to_string());
+    let first_b = received
+        .iter()
+        .position(|r| r.event.aggregate_id.ends_with(":B1"));
+    ensure!(
+        first_a.is_some() && first_b.is_some(),
+        "both bookings reach Kafka"
+    );
+    let headers = &received[0].headers;
+    for name in ["ce_type", "ce_id", "ce_source", "ce_time", "ce_specversion"] {
+        ensure!(headers.contains_key(name), "no {name} header: {headers:?}");
+    }
+    ensure!(headers["ce_type"] == "ShowCreated", "{headers:?}");
+    stop.cancel();
+    relay.await?;
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_batch_again_and_again_loses_nothing_and_keeps_order(
+) -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let topic = unique_name("relay_kill");
+    let show_id = three_row_show(&app).await?;
+    let running = Arc::new(AtomicBool::new(true));
+    let mut load = buyers(&app, &show_id, &running);
+
+    let mut kills = 0;
+    let mut published = 0;
+    for round in 0..8u64 {
+        let mut relay = start_relay(&app.db.url(), &topic)?;
+        // Killed only once it is publishing, at different moments of its
+        // batches.
+        published = wait_for_progress(&app, &topic, published).await?;
+        tokio::time::sleep(Duration::from_millis(13 * round)).await;
+        relay.start_kill()?;
+        relay.wait().await?;
+        kills += 1;
+    }
+    running.store(false, Ordering::Relaxed);
+    let bookings = placed(&mut load).await;
+    ensure!(bookings > 20, "the load barely ran: {bookings} bookings");
+
+    let mut last = start_relay(&app.db.url(), &topic)?;
+    let repeats = everything_arrives(&app, &topic).await?;
+    let published_before_end: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM relay_checkpoints WHERE topic = $1")
+            .bind(&topic)
+            .fetch_one(&app.db.pool)
+            .await?;
+    ensure!(published_before_end == 1, "no checkpoint was ever written");
+    eprintln!("{kills} kills, {bookings} bookings, {repeats} repeats");
+    last.start_kill()?;
+    last.wait().await?;
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_relays_one_publishes_and_the_other_takes_over_when_it_dies() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let topic = unique_name("relay_pair");
+    let show_id = three_row_show(&app).await?;
+    let mut first = start_relay(&app.db.url(), &topic)?;
+    let owner = wait_for_checkpoint(&app, &topic, None).await?;
+    let mut second = start_relay(&app.db.url(), &topic)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for seat in ["A1", "A2", "A3", "A4"] {
+        let (status, body) = app
+            .post("/bookings", &common::booking(&show_id, &[seat], false))
+            .await?;
+        ensure!(status == 201, "{status} {body}");
+    }
+    let repeats = everything_arrives(&app, &topic).await?;
+    // Had both published, every event after the second started would be here twice.
+    ensure!(repeats == 0, "two relays published: {repeats} repeats");
+    let writer: String = sqlx::query_scalar("SELECT relay FROM relay_checkpoints WHERE topic = $1")
+        .bind(&topic)
+        .fetch_one(&app.db.pool)
+        .await?;
+    ensure!(writer == owner, "the checkpoint moved to {writer}");
+
+    first.start_kill()?;
+    first.wait().await?;
+    let (status, body) = app
+        .post("/bookings", &common::booking(&show_id, &["B1"], false))
+        .await?;
+    ensure!(status == 201, "{status} {body}");
+    let taken_over = wait_for_checkpoint(&app, &topic, Some(&owner)).await?;
+    ensure!(taken_over != owner, "nobody took over");
+    everything_arrives(&app, &topic).await?;
+    second.start_kill()?;
+    second.wait().await?;
+    app.stop().await
+}
+
+/// Waits (up to 30 s) until the checkpoint of `topic` is past `after`;
+/// returns where it is.
+async fn wait_for_progress(app: &TestApp, topic: &str, after: i64) -> anyhow::Result<i64> {
+    for _ in 0..300 {
+        let at: Option<i64> =
+            sqlx::query_scalar("SELECT global_position FROM relay_checkpoints WHERE topic = $1")
+                .bind(topic)
+                .fetch_optional(&app.db.pool)
+                .await?;
+        if let Some(at) = at.filter(|at| *at > after) {
+            return Ok(at);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("the relay of {topic} made no progress past {after} within 6 s")
+}
+
+/// Waits (up to 30 s) until the checkpoint of `topic` was written by a relay
+/// other than `not`; returns its name.
+async fn wait_for_checkpoint(
+    app: &TestApp,
+    topic: &str,
+    not: Option<&str>,
+) -> anyhow::Result<String> {
+    for _ in 0..300 {
+        let writer: Option<String> =
+            sqlx::query_scalar("SELECT relay FROM relay_checkpoints WHERE topic = $1")
+                .bind(topic)
+                .fetch_optional(&app.db.pool)
+                .await?;
+        if let Some(writer) = writer {
+            if Some(writer.as_str()) != not {
+                return Ok(writer);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no relay checkpointed {topic} within 30 s")
+}
+
+/// A broker of this test's own (the shared one stays up for the others),
+/// stopped and started at will.
+struct PrivateBroker {
+    dir: std::path::PathBuf,
+    port: u16,
+    process: Option<Child>,
+}
+
+impl PrivateBroker {
+    fn new() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(unique_name("tansu"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            port,
+            process: None,
+        })
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn start(&mut self) -> anyhow::Result<()> {
+        let url = format!("tcp://{}", self.address());
+        let child = Command::new("tansu")
+            .args(["broker", "--storage-engine", "sqlite://tansu.db"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting tansu (installed by `make up`)")?;
+        self.process = Some(child);
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(self.address()).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the private tansu did not answer on {}", self.address())
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.process.take() {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_under_load_loses_nothing_once_it_is_back() -> anyhow::Result<()> {
+    let mut broker = PrivateBroker::new()?;
+    broker.start().await?;
+    let topic = unique_name("relay_outage");
+    let app = TestApp::spawn_relaying(&topic, &broker.address()).await?;
+    let show_id = three_row_show(&app).await?;
+    let running = Arc::new(AtomicBool::new(true));
+    let mut load = buyers(&app, &show_id, &running);
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    broker.stop().await?;
+    let before = events_in_log(&app.db.pool).await?;
+    // Commands keep being taken, and /readyz shows the relay failing with a
+    // backlog.
+    let mut relay_seen = Value::Null;
+    for _ in 0..150 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ready = app
+            .client
+            .get(format!("{}/readyz", app.base))
+            .send()
+            .await?;
+        ensure!(ready.status() == 200, "not ready while only Kafka is down");
+        relay_seen = ready.json::<Value>().await?["relay"].clone();
+        if failing_with_backlog(&relay_seen) {
+            break;
+        }
+    }
+    ensure!(
+        failing_with_backlog(&relay_seen),
+        "/readyz did not show the relay failing with a backlog: {relay_seen}"
+    );
+    let during = events_in_log(&app.db.pool).await?;
+    ensure!(
+        during > before,
+        "bookings stopped while Kafka was down ({before} events, then {during})"
+    );
+    broker.start().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.store(false, Ordering::Relaxed);
+    placed(&mut load).await;
+
+    let expected = events_in_log(&app.db.pool).await?;
+    let brokers = broker.address();
+    let received = read_topic_at(&brokers, &topic, expected).await?;
+    check_against_log(&app.db.pool, &received).await?;
+    broker.stop().await?;
+    app.stop().await
+}
+
+fn failing_with_backlog(relay: &Value) -> bool {
+    relay["last_error"].is_string() && relay["lag_events"].as_i64() > Some(0)
+}
+
+async fn read_topic_at(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+) -> anyhow::Result<Vec<ticketing_tests::kafka::Received>> {
+    ticketing_tests::kafka::read_topic_from(brokers, topic, Duration::from_secs(60), |r| {
+        distinct_events(r) >= expected
+    })
+    .await
+}
