@@ -41,6 +41,26 @@ fn row_name(n: usize) -> String {
     format!("{}{}", letter(n / 26), letter(n))
 }
 
+/// A fresh 100-row show: every round books from empty rows, so no client
+/// ever runs into another's seats.
+async fn new_show(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let rows: Vec<Value> = (0..100)
+        .map(|r| json!({"row": row_name(r), "seats": 1000}))
+        .collect();
+    let show: Value = client
+        .post(format!("{base}/shows"))
+        .json(
+            &json!({"name": "Benchmark", "venue": "Stadium", "starts_at": "2027-09-01T19:00:00Z",
+                      "sections": [{"name": "All", "price_cents": 5000, "rows": rows}]}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    let show_id = show["show_id"].as_str().context("show created")?.to_owned();
+    Ok(show_id)
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Figures {
     per_second: f64,
@@ -147,20 +167,6 @@ async fn main() -> anyhow::Result<()> {
     let server = tokio::spawn(app.run_until(stop.clone()));
     let client = reqwest::Client::new();
 
-    let rows: Vec<Value> = (0..100)
-        .map(|r| json!({"row": row_name(r), "seats": 1000}))
-        .collect();
-    let show: Value = client
-        .post(format!("{base}/shows"))
-        .json(
-            &json!({"name": "Benchmark", "venue": "Stadium", "starts_at": "2027-09-01T19:00:00Z",
-                      "sections": [{"name": "All", "price_cents": 5000, "rows": rows}]}),
-        )
-        .send()
-        .await?
-        .json()
-        .await?;
-    let show_id = show["show_id"].as_str().context("show created")?.to_owned();
     ensure!(
         args.clients <= 50,
         "each client books from its own two rows: at most 50 clients"
@@ -169,8 +175,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = db.pool.clone();
     let mut baseline = Vec::new();
     let mut service = Vec::new();
-    // Each client books seats 2n+1 and 2n+2 of its rows, round after round.
-    let offset = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Each client books seats 2n+1 and 2n+2 of its own two rows.
     for round in 0..args.rounds {
         let pool = pool.clone();
         baseline.push(
@@ -180,16 +185,11 @@ async fn main() -> anyhow::Result<()> {
             })
             .await,
         );
-        let (client, base, show_id, offset) = (
-            client.clone(),
-            base.clone(),
-            show_id.clone(),
-            Arc::clone(&offset),
-        );
-        let start = offset.load(std::sync::atomic::Ordering::SeqCst);
+        let show_id = new_show(&client, &base).await?;
+        let (client, base) = (client.clone(), base.clone());
         service.push(
             measure(args.clients, args.seconds, move |c, n| {
-                let seat = start + n;
+                let seat = n;
                 let (row, number) = (2 * c + seat / 500, 2 * (seat % 500) + 1);
                 let body = json!({"show_id": show_id, "user_id": "00000000-0000-4000-8000-00000000000a",
                     "seats": [format!("{}{}", row_name(row), number), format!("{}{}", row_name(row), number + 1)]});
@@ -200,13 +200,6 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
             .await,
-        );
-        let done = service
-            .last()
-            .map_or(0, |f| (f.per_second * args.seconds as f64) as usize);
-        offset.fetch_add(
-            done / args.clients + 10,
-            std::sync::atomic::Ordering::SeqCst,
         );
         println!("round {round}: baseline {:?}", baseline[round]);
         println!("round {round}: service  {:?}", service[round]);
