@@ -158,16 +158,7 @@ impl Sales {
         if let Err(e) = probe {
             return Err(e.into());
         }
-        event_log::lock_streams(
-            conn,
-            request.seats.iter().map(|label| {
-                (
-                    Seat::TYPE,
-                    domain::SeatId::new(request.show_id, label.clone()).to_string(),
-                )
-            }),
-        )
-        .await?;
+        lock_seats(conn, request.show_id, &request.seats).await?;
         let mut seats = event_log::load_seats(conn, request.show_id, &request.seats).await?;
         let seat_states = states(&seats);
         let lapsed: Vec<BookingId> = box_office::lapsed_holders(&seat_states, &request.seats, now)
@@ -198,20 +189,7 @@ impl Sales {
             now,
         )?;
         let after = after(&Booking::default(), booking_id, &changes);
-        let versions = Versions {
-            seats: versions(&seats),
-            bookings: versions(&bookings),
-            ..Versions::default()
-        };
-        event_log::append(
-            conn,
-            &Append {
-                changes,
-                ..Append::default()
-            },
-            &versions,
-        )
-        .await?;
+        append_changes(conn, changes, &seats, &bookings).await?;
         Ok(after)
     }
 
@@ -238,16 +216,7 @@ impl Sales {
             .details()
             .ok_or(ApiError::NotFound("booking"))?;
         let labels: Vec<SeatLabel> = details.seats.iter().map(|s| s.label.clone()).collect();
-        event_log::lock_streams(
-            conn,
-            labels.iter().map(|label| {
-                (
-                    Seat::TYPE,
-                    domain::SeatId::new(details.show_id, label.clone()).to_string(),
-                )
-            }),
-        )
-        .await?;
+        lock_seats(conn, details.show_id, &labels).await?;
         let seats = event_log::load_seats(conn, details.show_id, &labels).await?;
         let seat_states = states(&seats);
         let booking_states = states(&bookings);
@@ -270,20 +239,7 @@ impl Sales {
             Err(e) => return Err(e.into()),
         };
         let after = after(&loaded.state, booking_id, &changes);
-        let versions = Versions {
-            seats: versions(&seats),
-            bookings: versions(&bookings),
-            ..Versions::default()
-        };
-        event_log::append(
-            conn,
-            &Append {
-                changes,
-                ..Append::default()
-            },
-            &versions,
-        )
-        .await?;
+        append_changes(conn, changes, &seats, &bookings).await?;
         match refusal {
             Some(refusal) => Err(refusal),
             None => Ok(after),
@@ -315,6 +271,45 @@ fn states<K: Ord + Clone, A: Clone>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap
         .iter()
         .map(|(k, l)| (k.clone(), l.state.clone()))
         .collect()
+}
+
+/// Locks the seat streams of `labels` for the rest of the transaction.
+async fn lock_seats(
+    conn: &mut PgConnection,
+    show_id: ShowId,
+    labels: &[SeatLabel],
+) -> Result<(), event_log::LogError> {
+    event_log::lock_streams(
+        conn,
+        labels.iter().map(|label| {
+            (
+                Seat::TYPE,
+                domain::SeatId::new(show_id, label.clone()).to_string(),
+            )
+        }),
+    )
+    .await
+}
+
+/// Appends one command's booking and seat events, each stream at the
+/// version it was loaded at.
+async fn append_changes(
+    conn: &mut PgConnection,
+    changes: domain::Changes,
+    seats: &BTreeMap<SeatLabel, Loaded<Seat>>,
+    bookings: &BTreeMap<BookingId, Loaded<Booking>>,
+) -> Result<(), event_log::LogError> {
+    let versions = Versions {
+        seats: versions(seats),
+        bookings: versions(bookings),
+        ..Versions::default()
+    };
+    let append = Append {
+        changes,
+        ..Append::default()
+    };
+    event_log::append(conn, &append, &versions).await?;
+    Ok(())
 }
 
 fn versions<K: Ord + Clone, A>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap<K, i64> {
