@@ -129,6 +129,11 @@ async fn an_event_that_commits_late_is_published_after_the_earlier_commit_and_no
     let stop = CancellationToken::new();
     let relay = tokio::spawn(relay.run(stop.clone()));
     let show_id = three_row_show(&app).await?;
+    // The show is out before A begins, so that below "only the show" means
+    // "held back", not "the relay had not started yet" (it can be slow to
+    // start on a loaded machine).
+    let shown = read_topic(&topic, Duration::from_secs(30), |r| !r.is_empty()).await?;
+    ensure!(!shown.is_empty(), "the relay never published the show");
 
     // A takes the earlier global positions but stays open...
     let sales = Sales::new(app.db.pool.clone(), Duration::from_secs(600), 8);
