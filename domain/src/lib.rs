@@ -10,8 +10,10 @@
 
 pub mod booking;
 pub mod box_office;
+pub mod consistency;
 pub mod envelope;
 pub mod ids;
+pub mod read_model;
 pub mod seat;
 pub mod show;
 
@@ -20,6 +22,7 @@ pub use booking::{
     BookingStatus,
 };
 pub use box_office::{BookingRequest, BoxOfficeError, Changes, Purchase, Streams};
+pub use consistency::{ConsistencyToken, TokenError, CONSISTENCY_HEADER};
 pub use envelope::{AnyEvent, PublishedEvent, EVENTS_TOPIC};
 pub use ids::{
     BookingId, IdError, RowName, SeatId, SeatLabel, SectionName, ShowId, ShowName, UserId,
