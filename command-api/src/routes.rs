@@ -2,12 +2,13 @@
 //! types, commands run through [`Sales`], answers shaped as the contract says.
 
 use axum::extract::{FromRequest, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::Extension;
 use domain::box_office::{BookingRequest, Purchase};
 use domain::{
-    Booking, BookingId, BookingState, Cents, Row, RowName, SeatLabel, SeatMap, Section,
-    SectionName, ShowDetails, ShowId, ShowName, Timestamp, UserId, VenueName,
+    Booking, BookingId, BookingState, Cents, ConsistencyToken, Row, RowName, SeatLabel, SeatMap,
+    Section, SectionName, ShowDetails, ShowId, ShowName, Timestamp, UserId, VenueName,
+    CONSISTENCY_HEADER,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -122,9 +123,10 @@ pub async fn create_show(
                     show_id: details.show_id.to_string(),
                     seats: details.seat_map.seat_count(),
                 };
-                Sales::create_show(conn, details).await?;
+                let token = Sales::create_show(conn, details).await?;
                 let mut reply = Reply::json(StatusCode::CREATED, &created);
                 reply.header(header::LOCATION, location("shows", &created.show_id));
+                with_token(&mut reply, &token);
                 Ok(reply)
             })
         })
@@ -266,10 +268,11 @@ pub async fn place_booking(
                         Purchase::Book
                     },
                 };
-                let booking = Sales::place(conn, &show, request, now).await?;
+                let (booking, token) = Sales::place(conn, &show, request, now).await?;
                 let view = BookingView::of(&booking, now)?;
                 let mut reply = Reply::json(StatusCode::CREATED, &view);
                 reply.header(header::LOCATION, location("bookings", &view.booking_id));
+                with_token(&mut reply, &token);
                 Ok(reply)
             })
         })
@@ -303,14 +306,22 @@ async fn settle(sales: &Sales, id: &str, action: Settle) -> Result<Reply, ApiErr
         .transact(None, |conn| {
             Box::pin(async move {
                 let now = Sales::now();
-                let booking = Sales::settle(conn, booking_id, action, now).await?;
-                Ok(Reply::json(
-                    StatusCode::OK,
-                    &BookingView::of(&booking, now)?,
-                ))
+                let (booking, token) = Sales::settle(conn, booking_id, action, now).await?;
+                let mut reply = Reply::json(StatusCode::OK, &BookingView::of(&booking, now)?);
+                with_token(&mut reply, &token);
+                Ok(reply)
             })
         })
         .await
+}
+
+/// Lets the client read its own write from the query side (API.md,
+/// "Consistency"). Stored with the answer, so a keyed retry gets it too.
+fn with_token(reply: &mut Reply, token: &ConsistencyToken) {
+    // Ids, labels and numbers only: always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&token.to_string()) {
+        reply.header(HeaderName::from_static(CONSISTENCY_HEADER), value);
+    }
 }
 
 fn location(collection: &str, id: &str) -> HeaderValue {

@@ -13,7 +13,8 @@ use chrono::Utc;
 use cqrs_es::Aggregate;
 use domain::box_office::{self, BookingRequest, Streams};
 use domain::{
-    Booking, BookingId, BookingStatus, Seat, SeatLabel, Show, ShowDetails, ShowId, Timestamp,
+    Booking, BookingId, BookingStatus, ConsistencyToken, Seat, SeatLabel, Show, ShowDetails,
+    ShowId, Timestamp,
 };
 use sqlx::{PgConnection, PgPool};
 
@@ -122,7 +123,7 @@ impl Sales {
     pub async fn create_show(
         conn: &mut PgConnection,
         details: ShowDetails,
-    ) -> Result<(), ApiError> {
+    ) -> Result<ConsistencyToken, ApiError> {
         let show_id = details.show_id;
         let events = Show::default().decide(domain::ShowCommand::CreateShow(details))?;
         let append = Append {
@@ -130,7 +131,9 @@ impl Sales {
             ..Append::default()
         };
         event_log::append(conn, &append, &Versions::default()).await?;
-        Ok(())
+        let mut token = ConsistencyToken::new(show_id);
+        token.show_sequence = 1;
+        Ok(token)
     }
 
     /// Places a booking: all its seats or none.
@@ -142,8 +145,9 @@ impl Sales {
         show: &Show,
         request: BookingRequest,
         now: Timestamp,
-    ) -> Result<Booking, ApiError> {
+    ) -> Result<(Booking, ConsistencyToken), ApiError> {
         let booking_id = request.booking_id;
+        let show_id = request.show_id;
         // Checked before any lock, so bad requests never queue behind buyers.
         let probe = box_office::place(
             show,
@@ -189,8 +193,8 @@ impl Sales {
             now,
         )?;
         let after = after(&Booking::default(), booking_id, &changes);
-        append_changes(conn, changes, &seats, &bookings).await?;
-        Ok(after)
+        let token = append_changes(conn, show_id, changes, &seats, &bookings).await?;
+        Ok((after, token))
     }
 
     /// Confirms, cancels or expires a booking, with its seats.
@@ -205,7 +209,7 @@ impl Sales {
         booking_id: BookingId,
         action: Settle,
         now: Timestamp,
-    ) -> Result<Booking, ApiError> {
+    ) -> Result<(Booking, ConsistencyToken), ApiError> {
         event_log::lock_streams(conn, [(Booking::TYPE, booking_id.to_string())]).await?;
         let bookings = event_log::load_bookings(conn, &[booking_id]).await?;
         let loaded = bookings
@@ -239,10 +243,10 @@ impl Sales {
             Err(e) => return Err(e.into()),
         };
         let after = after(&loaded.state, booking_id, &changes);
-        append_changes(conn, changes, &seats, &bookings).await?;
+        let token = append_changes(conn, details.show_id, changes, &seats, &bookings).await?;
         match refusal {
             Some(refusal) => Err(refusal),
-            None => Ok(after),
+            None => Ok((after, token)),
         }
     }
 
@@ -292,13 +296,25 @@ async fn lock_seats(
 }
 
 /// Appends one command's booking and seat events, each stream at the
-/// version it was loaded at.
+/// version it was loaded at, and says which sequences they reached.
 async fn append_changes(
     conn: &mut PgConnection,
+    show_id: ShowId,
     changes: domain::Changes,
     seats: &BTreeMap<SeatLabel, Loaded<Seat>>,
     bookings: &BTreeMap<BookingId, Loaded<Booking>>,
-) -> Result<(), event_log::LogError> {
+) -> Result<ConsistencyToken, event_log::LogError> {
+    let mut token = ConsistencyToken::new(show_id);
+    for (id, events) in &changes.bookings {
+        let before = bookings.get(id).map_or(0, |l| l.version);
+        token.bookings.insert(*id, reached(before, events.len()));
+    }
+    for (id, events) in &changes.seats {
+        let before = seats.get(&id.label).map_or(0, |l| l.version);
+        token
+            .seats
+            .insert(id.label.clone(), reached(before, events.len()));
+    }
     let versions = Versions {
         seats: versions(seats),
         bookings: versions(bookings),
@@ -309,7 +325,14 @@ async fn append_changes(
         ..Append::default()
     };
     event_log::append(conn, &append, &versions).await?;
-    Ok(())
+    Ok(token)
+}
+
+/// The sequence a stream at `version` reaches with `appended` more events.
+fn reached(version: i64, appended: usize) -> u64 {
+    u64::try_from(version)
+        .unwrap_or(0)
+        .saturating_add(appended as u64)
 }
 
 fn versions<K: Ord + Clone, A>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap<K, i64> {
