@@ -1,40 +1,53 @@
-//! `projector`: consumes the event topic and maintains the MongoDB read
-//! models. This binary only wires settings to start-up.
+//! `projector`: keeps the MongoDB read models up to date from the event
+//! topic (`projector`, the default), or rebuilds them from the Postgres log
+//! (`projector replay`). This file is the wiring: settings in, tasks out.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
-use mongodb::bson::doc;
-use mongodb::options::ClientOptions;
-use mongodb::Client;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
+use clap::{Parser, Subcommand};
+use projector::live::{ConsumerSettings, Projection};
+use projector::replay::{self, ReplaySettings};
+use projector::store::ReadStore;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// Settings, from the command line or the environment.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Settings {
-    /// Kafka bootstrap brokers, comma-separated.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    kafka_brokers: String,
-    /// Consumer group of the live projector.
-    #[arg(long, env = "PROJECTOR_GROUP", default_value = "ticketing-projector")]
-    group: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    consumer: ConsumerSettings,
     /// MongoDB holding the read models.
     #[arg(long, env = "MONGODB_URI", default_value = "mongodb://127.0.0.1:27017")]
     mongodb_uri: String,
     /// Database of the read models.
     #[arg(long, env = "MONGODB_DATABASE", default_value = "ticketing")]
     mongodb_database: String,
-    /// How long to wait for each store at start-up before giving up.
+    /// Address of `/healthz` and `/readyz`.
+    #[arg(long, env = "PROJECTOR_ADDR", default_value = "127.0.0.1:8083")]
+    addr: SocketAddr,
+    /// How long to wait for each store at start-up before giving up, and
+    /// for MongoDB on each operation afterwards.
     #[arg(long, env = "STARTUP_TIMEOUT_SECS", default_value_t = 10)]
     startup_timeout_secs: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Project the topic into the current generation (the default).
+    Run,
+    /// Rebuild every read model from the Postgres log into a new generation,
+    /// catch up with the topic, switch the query side to it, then exit.
+    Replay(ReplaySettings),
 }
 
 #[tokio::main]
@@ -53,43 +66,55 @@ async fn main() -> ExitCode {
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(settings.startup_timeout_secs);
-
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka_brokers)
-        .set("group.id", &settings.group)
-        .create()
-        .context("invalid Kafka consumer settings")?;
-    // librdkafka connects lazily; fetching metadata proves a broker answers.
-    let metadata = tokio::task::spawn_blocking(move || {
-        consumer
-            .fetch_metadata(None, timeout)
-            .map(|m| m.brokers().len())
-    })
-    .await
-    .context("metadata task failed")?
-    .with_context(|| format!("kafka at {} is unreachable", settings.kafka_brokers))?;
-    tracing::info!(brokers = metadata, "connected to kafka");
-
-    let mut options = ClientOptions::parse(&settings.mongodb_uri)
+    let store = ReadStore::connect(&settings.mongodb_uri, &settings.mongodb_database, timeout)
         .await
-        .context("MONGODB_URI is not a MongoDB URI")?;
-    options.server_selection_timeout = Some(timeout);
-    let hosts: Vec<String> = options.hosts.iter().map(ToString::to_string).collect();
-    Client::with_options(options)
-        .context("invalid MongoDB client options")?
-        .database(&settings.mongodb_database)
-        .run_command(doc! { "ping": 1 })
+        .context("MONGODB_URI is not usable")?;
+    store
+        .ping()
         .await
-        .with_context(|| format!("mongodb at {} is unreachable", hosts.join(",")))?;
-    tracing::info!(hosts = %hosts.join(","), "connected to mongodb");
+        .with_context(|| format!("mongodb at {} is unreachable", settings.mongodb_uri))?;
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
 
-    tracing::info!(
-        "projector ready; projections arrive with the read-side work, stopping on SIGTERM"
-    );
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for a signal")?;
-    Ok(())
+    match settings.command {
+        Some(Command::Replay(replay_settings)) => {
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(timeout)
+                .connect(&replay_settings.database_url)
+                .await
+                .context("the Postgres event log is unreachable")?;
+            let report =
+                replay::replay(&store, &pool, &settings.consumer, &replay_settings, &stop).await?;
+            tracing::info!(
+                from = report.from,
+                to = report.to,
+                events = report.events,
+                log_secs = report.log_secs,
+                total_secs = report.total_secs,
+                "replay done"
+            );
+            Ok(())
+        }
+        Some(Command::Run) | None => {
+            let projection = Projection::new(settings.consumer, store.clone());
+            let listener = tokio::net::TcpListener::bind(settings.addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", settings.addr))?;
+            let app = projector::health::router(store, projection.status());
+            let http_stop = stop.clone();
+            let http = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_stop.cancelled_owned())
+                    .await
+            });
+            tracing::info!(addr = %settings.addr, "projector running");
+            projection.run(stop.clone()).await?;
+            stop.cancel();
+            http.await.context("health task failed")??;
+            Ok(())
+        }
+    }
 }
 
 fn init_tracing(json: bool) {
@@ -102,4 +127,23 @@ fn init_tracing(json: bool) {
     } else {
         logs.init()
     }
+}
+
+/// SIGTERM or Ctrl-C: finish the batch in hand, then stop.
+async fn stop_on_signal(stop: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    stop.cancel();
 }

@@ -1,0 +1,42 @@
+//! The projector's own small HTTP surface: `/healthz` and `/readyz`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::live::Status;
+use crate::store::ReadStore;
+
+#[derive(Clone)]
+struct Health {
+    store: ReadStore,
+    status: Status,
+}
+
+/// The routes.
+pub fn router(store: ReadStore, status: Status) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { StatusCode::OK }))
+        .route("/readyz", get(readyz))
+        .with_state(Health { store, status })
+}
+
+/// 200 while MongoDB answers, 503 otherwise; the body shows the
+/// projection's generation, progress and last error either way.
+async fn readyz(State(health): State<Health>) -> (StatusCode, Json<Value>) {
+    let projection = health.status.report();
+    match health.store.ping().await {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({ "mongodb": "up", "projection": projection })),
+        ),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({ "mongodb": "down", "error": error.to_string(), "projection": projection }),
+            ),
+        ),
+    }
+}

@@ -1,0 +1,264 @@
+//! `projector replay`: rebuilds every read model from the Postgres log into a
+//! new generation, catches up with the live topic, and switches the query
+//! side over in one write. The live projector and the query side keep
+//! working on the old generation until the switch.
+//!
+//! No event can fall between the log and the topic: the replay first reads
+//! where the live group's offsets stand, then reads the log. Everything
+//! below those offsets was applied by the live projector, so it was
+//! committed, so the log read (which comes after) holds it; everything from
+//! those offsets on is consumed from the topic. Overlap is harmless.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use domain::{AnyEvent, PublishedEvent};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::{PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::live::{group_of, ConsumerSettings, Projection, Until};
+use crate::store::ReadStore;
+
+/// Settings of a replay.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplaySettings {
+    /// The Postgres event log.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ticketing"
+    )]
+    pub database_url: String,
+    /// Events read from the log per batch.
+    #[arg(long, env = "REPLAY_BATCH", default_value_t = 5000)]
+    pub replay_batch: i64,
+    /// How long the old generation is kept after the switch, so that readers
+    /// and writers still on it finish, in seconds.
+    #[arg(long, env = "REPLAY_GRACE_SECS", default_value_t = 5)]
+    pub grace_secs: u64,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplayReport {
+    /// The generation replaced.
+    pub from: u32,
+    /// The generation built and switched to.
+    pub to: u32,
+    /// Events read from the log.
+    pub events: u64,
+    /// Time spent reading and applying the log.
+    pub log_secs: f64,
+    /// Time from start to switch.
+    pub total_secs: f64,
+}
+
+/// Runs a replay to the end.
+///
+/// # Errors
+/// Any store, log or broker failure: the replay stops, the query side stays
+/// on the old generation, and the half-built one is dropped by the next
+/// replay.
+pub async fn replay(
+    store: &ReadStore,
+    pool: &PgPool,
+    consumer: &ConsumerSettings,
+    settings: &ReplaySettings,
+    stop: &CancellationToken,
+) -> anyhow::Result<ReplayReport> {
+    let started = Instant::now();
+    let pointer = store.pointer().await?;
+    let from = pointer.current;
+    let to = from.max(pointer.building.unwrap_or(0)) + 1;
+    if let Some(stale) = pointer.building {
+        tracing::warn!(
+            generation = stale,
+            "dropping a generation an earlier replay left half-built"
+        );
+        store.drop_generation(stale).await?;
+    }
+    store.drop_generation(to).await?;
+    store.start_building(to).await?;
+    store.prepare(to).await?;
+    tracing::info!(from, to, "replay started");
+
+    let start = live_offsets(consumer, from).await?;
+    hand_over_offsets(consumer, to, &start).await?;
+
+    let log_started = Instant::now();
+    let mut cursor = ("0".to_owned(), 0_i64);
+    let mut events = 0_u64;
+    loop {
+        if stop.is_cancelled() {
+            anyhow::bail!("replay stopped before the switch; generation {from} still answers");
+        }
+        let chunk = read_log(pool, &cursor, settings.replay_batch).await?;
+        let Some(last) = chunk.last() else { break };
+        cursor = last.0.clone();
+        let published: Vec<PublishedEvent> = chunk.into_iter().map(|(_, e)| e).collect();
+        events += published.len() as u64;
+        store.apply(to, &published).await?;
+        if (published.len() as i64) < settings.replay_batch {
+            break;
+        }
+    }
+    let log_secs = log_started.elapsed().as_secs_f64();
+    tracing::info!(events, log_secs, "log applied; catching up with the topic");
+
+    let projection = Projection::new(consumer.clone(), store.clone());
+    projection
+        .run_generation(to, Until::CaughtUp { start }, stop)
+        .await?;
+    if stop.is_cancelled() {
+        anyhow::bail!("replay stopped before the switch; generation {from} still answers");
+    }
+    store.switch_to(to).await?;
+    let total_secs = started.elapsed().as_secs_f64();
+    tracing::info!(from, to, "query side switched to the new generation");
+    tokio::time::sleep(Duration::from_secs(settings.grace_secs)).await;
+    store.drop_generation(from).await?;
+    Ok(ReplayReport {
+        from,
+        to,
+        events,
+        log_secs,
+        total_secs,
+    })
+}
+
+/// Where the live group of `generation` stands on every partition: its
+/// committed offset, or the start of the partition when it has none.
+async fn live_offsets(
+    settings: &ConsumerSettings,
+    generation: u32,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let consumer = group_consumer(settings, generation)?;
+    let topic = settings.topic.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .context("reading the event topic's partitions")?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut list = TopicPartitionList::new();
+        for partition in &partitions {
+            list.add_partition(&topic, *partition);
+        }
+        let committed = consumer
+            .committed_offsets(list, timeout)
+            .context("reading the live group's offsets")?;
+        let mut start = BTreeMap::new();
+        for partition in partitions {
+            let offset = match committed
+                .find_partition(&topic, partition)
+                .map(|p| p.offset())
+            {
+                Some(Offset::Offset(n)) => n,
+                _ => {
+                    consumer
+                        .fetch_watermarks(&topic, partition, timeout)
+                        .context("reading a partition's first offset")?
+                        .0
+                }
+            };
+            start.insert(partition, offset);
+        }
+        Ok(start)
+    })
+    .await
+    .context("offset task failed")?
+}
+
+/// Starts the new generation's group at `start`.
+async fn hand_over_offsets(
+    settings: &ConsumerSettings,
+    generation: u32,
+    start: &BTreeMap<i32, i64>,
+) -> anyhow::Result<()> {
+    if start.is_empty() {
+        return Ok(());
+    }
+    let consumer = group_consumer(settings, generation)?;
+    let mut list = TopicPartitionList::new();
+    for (partition, offset) in start {
+        list.add_partition_offset(&settings.topic, *partition, Offset::Offset(*offset))?;
+    }
+    tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync))
+        .await
+        .context("commit task failed")?
+        .context("starting the new generation's consumer group")
+}
+
+fn group_consumer(settings: &ConsumerSettings, generation: u32) -> anyhow::Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka_brokers)
+        .set("group.id", group_of(&settings.group, generation))
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("invalid Kafka consumer settings")
+}
+
+type Cursor = (String, i64);
+
+/// The next `limit` events of the log after `cursor`, in the relay's order:
+/// `(tx_id, global_position)` below the oldest open transaction. Reading by
+/// `global_position` alone could pass over a transaction that took an early
+/// position and commits late.
+async fn read_log(
+    pool: &PgPool,
+    cursor: &Cursor,
+    limit: i64,
+) -> anyhow::Result<Vec<(Cursor, PublishedEvent)>> {
+    let rows = sqlx::query(
+        "SELECT tx_id::text AS tx_id, global_position, aggregate_type, aggregate_id, sequence,
+                event_type, event_version, payload, metadata, recorded_at
+           FROM events
+          WHERE (tx_id, global_position) > ($1::text::xid8, $2)
+            AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+          ORDER BY tx_id, global_position
+          LIMIT $3",
+    )
+    .bind(&cursor.0)
+    .bind(cursor.1)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading the event log")?;
+    rows.into_iter()
+        .map(|row| {
+            let aggregate_type: String = row.try_get("aggregate_type")?;
+            let aggregate_id: String = row.try_get("aggregate_id")?;
+            let sequence: i64 = row.try_get("sequence")?;
+            let payload: serde_json::Value = row.try_get("payload")?;
+            let metadata: serde_json::Value = row.try_get("metadata")?;
+            let decoded = AnyEvent::decode(&aggregate_type, &payload).with_context(|| {
+                format!("event {aggregate_type} {aggregate_id}#{sequence} does not decode")
+            })?;
+            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+            let global_position: i64 = row.try_get("global_position")?;
+            let event = PublishedEvent {
+                envelope_version: domain::envelope::ENVELOPE_VERSION,
+                show_id: decoded.show_id(),
+                aggregate_type,
+                aggregate_id,
+                sequence: u64::try_from(sequence).context("a negative sequence")?,
+                event_type: row.try_get("event_type")?,
+                event_version: row.try_get("event_version")?,
+                global_position,
+                recorded_at,
+                payload,
+                metadata: serde_json::from_value(metadata).unwrap_or_default(),
+            };
+            Ok(((row.try_get("tx_id")?, global_position), event))
+        })
+        .collect()
+}
