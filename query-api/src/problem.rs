@@ -1,0 +1,81 @@
+//! Errors of the read side, answered as RFC 9457 problem documents.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Why a read was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No such show, booking or section (a malformed id names nothing either).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The `X-Consistency-Token` header is not one command-api issued.
+    #[error("{0}")]
+    BadToken(String),
+    /// The read models did not reflect the token's write in time.
+    #[error("the read models did not reach the write within {0} s; retry")]
+    NotYetConsistent(u64),
+    /// MongoDB is unreachable or failing; the service recovers by itself.
+    #[error("the read models are unavailable: {0}")]
+    Unavailable(#[from] mongodb::error::Error),
+}
+
+impl QueryError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::BadToken(_) => StatusCode::BAD_REQUEST,
+            Self::NotYetConsistent(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "not-found",
+            Self::BadToken(_) => "bad-consistency-token",
+            Self::NotYetConsistent(_) => "not-yet-consistent",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "Not found",
+            Self::BadToken(_) => "Malformed consistency token",
+            Self::NotYetConsistent(_) => "Read models not yet consistent",
+            Self::Unavailable(_) => "Service unavailable",
+        }
+    }
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Unavailable(error) = &self {
+            tracing::warn!(%error, "mongodb unavailable");
+        }
+        let detail = match &self {
+            // The driver's message names hosts; the log has it.
+            Self::Unavailable(_) => "the read models cannot be reached; retry shortly".to_owned(),
+            other => other.to_string(),
+        };
+        let body = json!({
+            "type": format!("/problems/{}", self.kind()),
+            "title": self.title(),
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        let mut response = (status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if matches!(self, Self::Unavailable(_) | Self::NotYetConsistent(_)) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
