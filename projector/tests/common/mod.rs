@@ -1,0 +1,365 @@
+//! Harness for the read-side tests: the whole pipeline on the real servers,
+//! each test with its own Postgres database, Kafka topic, consumer groups
+//! and MongoDB database. command-api (with its relay), the projector and
+//! query-api run in this process unless a test needs to kill one.
+
+#![allow(dead_code)] // each test file uses its share
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use command_api::relay::RelaySettings;
+use domain::read_model::{BookingDoc, Models, ShowDoc};
+use domain::PublishedEvent;
+use futures::TryStreamExt;
+use mongodb::bson::doc;
+use projector::live::{ConsumerSettings, Projection};
+use projector::store::ReadStore;
+use serde_json::{json, Value};
+use sqlx::Row;
+use ticketing_tests::TestDatabase;
+use tokio_util::sync::CancellationToken;
+
+pub struct Service {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+/// The write side: command-api with its relay, over its own database and
+/// topic.
+pub struct Writes {
+    pub base: String,
+    pub db: TestDatabase,
+    pub topic: String,
+    service: Service,
+}
+
+pub fn command_settings(
+    database_url: String,
+    topic: &str,
+    hold_secs: u64,
+) -> command_api::settings::Settings {
+    command_api::settings::Settings {
+        database_url,
+        addr: "127.0.0.1:0".parse().expect("an address"),
+        max_connections: 16,
+        acquire_timeout_secs: 10,
+        startup_timeout_secs: 5,
+        hold_secs,
+        sweep_every_secs: 1,
+        idempotency_keep_hours: 24,
+        command_attempts: 8,
+        relay_enabled: true,
+        relay: RelaySettings {
+            kafka_brokers: ticketing_tests::kafka_brokers(),
+            relay_topic: topic.to_owned(),
+            relay_partitions: 3,
+            relay_batch: 200,
+            relay_poll_ms: 200,
+            relay_standby_poll_ms: 300,
+            relay_ack_timeout_ms: 15_000,
+        },
+        log_json: false,
+    }
+}
+
+impl Writes {
+    pub async fn spawn(hold_secs: u64) -> anyhow::Result<Self> {
+        let db = TestDatabase::create().await?;
+        let topic = ticketing_tests::unique_name("read_side");
+        let app =
+            command_api::startup::App::build(command_settings(db.url(), &topic, hold_secs)).await?;
+        let base = format!("http://{}", app.addr()?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until(stop.clone()));
+        let writes = Self {
+            base,
+            db,
+            topic,
+            service: Service { stop, task },
+        };
+        // The relay creates the topic; consumers subscribing before that
+        // would wait for a metadata refresh.
+        writes.wait_for_topic().await?;
+        Ok(writes)
+    }
+
+    async fn wait_for_topic(&self) -> anyhow::Result<()> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", ticketing_tests::kafka_brokers())
+            .create()?;
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5));
+                if let Ok(metadata) = metadata {
+                    if metadata
+                        .topics()
+                        .iter()
+                        .any(|t| t.name() == topic && !t.partitions().is_empty())
+                    {
+                        return Ok(());
+                    }
+                }
+                ensure!(Instant::now() < deadline, "topic {topic} never appeared");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .await?
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.service.stop().await?;
+        self.db.drop_database().await
+    }
+
+    /// The events of the log in the relay's order, as published.
+    pub async fn log(&self) -> anyhow::Result<Vec<PublishedEvent>> {
+        let rows = sqlx::query(
+            "SELECT global_position, aggregate_type, aggregate_id, sequence, event_type,
+                    event_version, payload, recorded_at
+               FROM events ORDER BY tx_id, global_position",
+        )
+        .fetch_all(&self.db.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let aggregate_type: String = row.try_get("aggregate_type")?;
+                let payload: Value = row.try_get("payload")?;
+                let decoded = domain::AnyEvent::decode(&aggregate_type, &payload)?;
+                Ok(PublishedEvent {
+                    envelope_version: 1,
+                    aggregate_type,
+                    aggregate_id: row.try_get("aggregate_id")?,
+                    sequence: u64::try_from(row.try_get::<i64, _>("sequence")?)?,
+                    event_type: row.try_get("event_type")?,
+                    event_version: row.try_get("event_version")?,
+                    global_position: row.try_get("global_position")?,
+                    show_id: decoded.show_id(),
+                    recorded_at: row.try_get("recorded_at")?,
+                    payload,
+                    metadata: BTreeMap::new(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A read-model database with its own consumer group name.
+#[derive(Clone)]
+pub struct ReadSide {
+    pub database: String,
+    pub group: String,
+    pub store: ReadStore,
+}
+
+impl ReadSide {
+    pub async fn new() -> anyhow::Result<Self> {
+        let database = ticketing_tests::unique_name("read_models");
+        let store = ReadStore::connect(
+            &ticketing_tests::mongodb_uri(),
+            &database,
+            Duration::from_secs(5),
+        )
+        .await?;
+        Ok(Self {
+            group: ticketing_tests::unique_name("projector"),
+            database,
+            store,
+        })
+    }
+
+    pub fn consumer(&self, topic: &str) -> ConsumerSettings {
+        ConsumerSettings {
+            kafka_brokers: ticketing_tests::kafka_brokers(),
+            topic: topic.to_owned(),
+            group: self.group.clone(),
+            batch: 200,
+            linger_ms: 20,
+        }
+    }
+
+    /// The live projector, in this process.
+    pub fn project(&self, topic: &str) -> Service {
+        let projection = Projection::new(self.consumer(topic), self.store.clone());
+        let stop = CancellationToken::new();
+        let run_stop = stop.clone();
+        let task = tokio::spawn(async move { projection.run(run_stop).await });
+        Service { stop, task }
+    }
+
+    /// query-api over this database, in this process.
+    pub async fn serve(&self) -> anyhow::Result<(String, Service)> {
+        let settings = query_api::startup::Settings {
+            mongodb_uri: ticketing_tests::mongodb_uri(),
+            mongodb_database: self.database.clone(),
+            addr: "127.0.0.1:0".parse()?,
+            startup_timeout_secs: 5,
+            mongodb_timeout_ms: 2000,
+            consistency_wait_ms: 5000,
+            log_json: false,
+        };
+        let app = query_api::startup::App::build(settings).await?;
+        let base = format!("http://{}", app.addr()?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until(stop.clone()));
+        Ok((base, Service { stop, task }))
+    }
+
+    /// Every document of the current generation, `v` left out (it counts
+    /// writes, not content).
+    pub async fn snapshot(
+        &self,
+    ) -> anyhow::Result<(BTreeMap<String, ShowDoc>, BTreeMap<String, BookingDoc>)> {
+        let generation = self.store.pointer().await?.current;
+        let shows: Vec<ShowDoc> = self
+            .store
+            .shows(generation)
+            .find(doc! {})
+            .await?
+            .try_collect()
+            .await?;
+        let bookings: Vec<BookingDoc> = self
+            .store
+            .bookings(generation)
+            .find(doc! {})
+            .await?
+            .try_collect()
+            .await?;
+        Ok((
+            shows
+                .into_iter()
+                .map(|mut s| {
+                    s.v = 0;
+                    (s.show_id.clone(), s)
+                })
+                .collect(),
+            bookings
+                .into_iter()
+                .map(|mut b| {
+                    b.v = 0;
+                    (b.booking_id.clone(), b)
+                })
+                .collect(),
+        ))
+    }
+
+    pub async fn drop(self) -> anyhow::Result<()> {
+        self.store.database().drop().await?;
+        Ok(())
+    }
+}
+
+/// What the read models must hold after `events`: the domain's fold, in
+/// memory, `v` zero.
+pub fn expected(
+    events: &[PublishedEvent],
+) -> anyhow::Result<(BTreeMap<String, ShowDoc>, BTreeMap<String, BookingDoc>)> {
+    let mut models = Models::default();
+    for event in events {
+        models
+            .apply(event)
+            .with_context(|| format!("applying {event:?}"))?;
+    }
+    Ok((
+        models
+            .shows
+            .into_iter()
+            .filter_map(|(id, s)| Some((id, s?)))
+            .collect(),
+        models
+            .bookings
+            .into_iter()
+            .filter_map(|(id, b)| Some((id, b?)))
+            .collect(),
+    ))
+}
+
+/// Waits until the read side holds exactly what `writes`' log says.
+pub async fn converge(writes: &Writes, read: &ReadSide, within: Duration) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = writes.log().await?;
+        let want = expected(&log)?;
+        let have = read.snapshot().await?;
+        if have == want {
+            return Ok(log.len());
+        }
+        if Instant::now() > deadline {
+            let (ws, wb) = &want;
+            let (hs, hb) = &have;
+            let show_diff: Vec<&String> = ws.keys().filter(|k| hs.get(*k) != ws.get(*k)).collect();
+            let booking_diff: Vec<&String> =
+                wb.keys().filter(|k| hb.get(*k) != wb.get(*k)).collect();
+            anyhow::bail!(
+                "read models never matched the log ({} events): {} of {} shows and {} of {} bookings differ, e.g. {:?}",
+                log.len(),
+                show_diff.len(),
+                ws.len(),
+                booking_diff.len(),
+                wb.len(),
+                booking_diff.first().map(|k| (hb.get(*k), wb.get(*k)))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+pub fn jazz_night() -> Value {
+    json!({
+        "name": "Jazz Night", "venue": "Blue Note", "starts_at": "2027-03-01T20:00:00Z",
+        "sections": [
+            { "name": "VIP", "price_cents": 22500, "rows": [ { "row": "A", "seats": 10 } ] },
+            { "name": "Floor", "price_cents": 9000,
+              "rows": [ { "row": "B", "seats": 20 }, { "row": "C", "seats": 20 } ] }
+        ]
+    })
+}
+
+/// An HTTP answer: status, headers we look at, JSON body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub token: Option<String>,
+    pub etag: Option<String>,
+    pub retry_after: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Value,
+}
+
+pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
+    let response = request.send().await?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(ToOwned::to_owned)
+    };
+    let (token, etag, retry_after, content_type) = (
+        header("x-consistency-token"),
+        header("etag"),
+        header("retry-after"),
+        header("content-type"),
+    );
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(Value::Null);
+    Ok(Answer {
+        status,
+        token,
+        etag,
+        retry_after,
+        content_type,
+        body,
+    })
+}

@@ -1,0 +1,224 @@
+//! Rebuilding and crashing: a replay while bookings continue, and the
+//! projector binary SIGKILLed under load.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use common::{converge, jazz_night, send, ReadSide, Writes};
+use projector::replay::{self, ReplaySettings};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// Clients booking random seats and cancelling half of what they get, until
+/// `stop`. Returns how many bookings were placed.
+fn book_until(
+    base: String,
+    show: String,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let placed = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (base, show, stop, placed) = (
+                base.clone(),
+                show.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&placed),
+            );
+            tasks.push(tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let dice = uuid::Uuid::new_v4().as_u128();
+                    let row = ["A", "B", "C"][(dice % 3) as usize];
+                    let seats: Vec<String> = (0..1 + (dice >> 8) % 2)
+                        .map(|i| format!("{row}{}", 1 + ((dice >> 16) + i) % 10))
+                        .collect();
+                    let body = json!({ "show_id": show, "user_id": uuid::Uuid::new_v4().to_string(),
+                        "seats": seats, "hold": (dice >> 24) % 3 == 0 });
+                    let Ok(answer) =
+                        send(client.post(format!("{base}/bookings")).json(&body)).await
+                    else {
+                        continue;
+                    };
+                    if answer.status == 201 {
+                        placed.fetch_add(1, Ordering::Relaxed);
+                        if (dice >> 32) % 2 == 0 {
+                            if let Some(id) = answer.body["booking_id"].as_str() {
+                                let _ =
+                                    send(client.post(format!("{base}/bookings/{id}/cancel"))).await;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        placed.load(Ordering::Relaxed)
+    })
+}
+
+async fn new_show(base: &str) -> anyhow::Result<String> {
+    let created = send(
+        reqwest::Client::new()
+            .post(format!("{base}/shows"))
+            .json(&jazz_night()),
+    )
+    .await?;
+    Ok(created.body["show_id"]
+        .as_str()
+        .context("show_id")?
+        .to_owned())
+}
+
+/// A replay while bookings keep coming: the query side answers throughout,
+/// switches to the new generation, drops the old one, and the rebuilt
+/// models equal, document by document, those of a projector that never
+/// replayed, and the fold of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_while_writes_continue_equals_the_live_models() -> anyhow::Result<()> {
+    let writes = Writes::spawn(600).await?;
+    let live = ReadSide::new().await?;
+    let rebuilt = ReadSide::new().await?;
+    let live_projector = live.project(&writes.topic);
+    let rebuilt_projector = rebuilt.project(&writes.topic);
+    let (query, query_service) = rebuilt.serve().await?;
+    let shows = [new_show(&writes.base).await?, new_show(&writes.base).await?];
+    // The reader below starts once the show is on the read side.
+    let visible = send(
+        reqwest::Client::new()
+            .get(format!("{query}/shows/{}", shows[0]))
+            .header("X-Consistency-Token", format!("v1;show={}:1", shows[0])),
+    )
+    .await?;
+    assert_eq!(visible.status, 200, "{visible:?}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = shows
+        .iter()
+        .map(|show| book_until(writes.base.clone(), show.clone(), 3, Arc::clone(&stop)))
+        .collect();
+    // A reader of the query side for the whole run.
+    let reading = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let (query, show, reading) = (query.clone(), shows[0].clone(), Arc::clone(&reading));
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut statuses = Vec::new();
+            while reading.load(Ordering::Relaxed) {
+                match send(client.get(format!("{query}/shows/{show}/availability"))).await {
+                    Ok(answer) => statuses.push(answer.status),
+                    Err(_) => statuses.push(0),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let report = replay::replay(
+        &rebuilt.store,
+        &writes.db.pool,
+        &rebuilt.consumer(&writes.topic),
+        &ReplaySettings {
+            database_url: writes.db.url(),
+            replay_batch: 100,
+            grace_secs: 1,
+        },
+        &CancellationToken::new(),
+    )
+    .await?;
+    assert_eq!((report.from, report.to), (1, 2), "{report:?}");
+    assert!(report.events > 0, "{report:?}");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut placed = 0;
+    for task in load {
+        placed += task.await?;
+    }
+    assert!(placed > 10, "the load placed only {placed} bookings");
+
+    let events = converge(&writes, &live, Duration::from_secs(30)).await?;
+    converge(&writes, &rebuilt, Duration::from_secs(30)).await?;
+    assert_eq!(rebuilt.snapshot().await?, live.snapshot().await?);
+    assert_eq!(rebuilt.store.pointer().await?.current, 2);
+    let collections = rebuilt.store.database().list_collection_names().await?;
+    assert!(
+        collections.iter().all(|c| !c.starts_with("g1_")),
+        "the old generation is dropped: {collections:?}"
+    );
+
+    reading.store(false, Ordering::Relaxed);
+    let statuses = reader.await?;
+    assert!(statuses.len() > 20, "{} reads", statuses.len());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every read answered: {statuses:?}"
+    );
+    eprintln!(
+        "{placed} bookings, {events} events, {} reads during the run",
+        statuses.len()
+    );
+
+    live_projector.stop().await?;
+    rebuilt_projector.stop().await?;
+    query_service.stop().await?;
+    live.drop().await?;
+    rebuilt.drop().await?;
+    writes.stop().await
+}
+
+/// The projector binary, SIGKILLed again and again while bookings flow,
+/// then left to finish: the read models equal the fold of the log exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projector_killed_mid_batch_leaves_exact_models() -> anyhow::Result<()> {
+    let writes = Writes::spawn(600).await?;
+    let read = ReadSide::new().await?;
+    let show = new_show(&writes.base).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = book_until(writes.base.clone(), show, 4, Arc::clone(&stop));
+
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_projector"))
+            .env("KAFKA_BROKERS", ticketing_tests::kafka_brokers())
+            .env("PROJECTOR_TOPIC", &writes.topic)
+            .env("PROJECTOR_GROUP", &read.group)
+            .env("PROJECTOR_BATCH", "20")
+            .env("PROJECTOR_ADDR", "127.0.0.1:0")
+            .env("MONGODB_URI", ticketing_tests::mongodb_uri())
+            .env("MONGODB_DATABASE", &read.database)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let mut kills = 0;
+    for round in 0..6_u64 {
+        let mut child = spawn()?;
+        // Long enough to join the group and apply some batches; the kill
+        // lands wherever the projector is, mostly inside a batch.
+        tokio::time::sleep(Duration::from_millis(2500 + 300 * round)).await;
+        child.start_kill()?;
+        child.wait().await?;
+        kills += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let placed = load.await?;
+    let mut last = spawn()?;
+    let events = converge(&writes, &read, Duration::from_secs(60)).await?;
+    last.start_kill()?;
+    last.wait().await?;
+    eprintln!("{kills} kills, {placed} bookings, {events} events");
+    assert!(placed > 10, "the load placed only {placed} bookings");
+
+    read.drop().await?;
+    writes.stop().await
+}
