@@ -222,3 +222,142 @@ async fn the_projector_killed_mid_batch_leaves_exact_models() -> anyhow::Result<
     read.drop().await?;
     writes.stop().await
 }
+
+/// A SecantusDB of the test's own (own port and data), so stopping it
+/// leaves every other test's server alone.
+struct PrivateMongo {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateMongo {
+    async fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(ticketing_tests::unique_name("secantus"));
+        std::fs::create_dir_all(&dir)?;
+        let mut mongo = Self {
+            port,
+            dir,
+            child: None,
+        };
+        mongo.restart().await?;
+        Ok(mongo)
+    }
+
+    fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        let child = tokio::process::Command::new("python3")
+            .args([
+                "-m",
+                "secantus",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+            ])
+            .arg("--storage-path")
+            .arg(&self.dir)
+            .args(["--log-level", "WARNING"])
+            .kill_on_drop(true)
+            .spawn()
+            .context("python3 -m secantus (run `make up` to install it)")?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "secantus did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the server (SIGTERM, as an operator or orchestrator would).
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status()?;
+            }
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                child.start_kill()?;
+                child.wait().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateMongo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// MongoDB stopped while bookings continue: query-api answers 503 with
+/// Retry-After, the projector holds its offsets and retries; MongoDB back:
+/// both recover by themselves and the read models miss nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_down_is_a_503_and_nothing_is_lost() -> anyhow::Result<()> {
+    let mut mongo = PrivateMongo::start().await?;
+    let writes = Writes::spawn(600).await?;
+    let read = ReadSide::at(&mongo.uri()).await?;
+    let projector = read.project(&writes.topic);
+    let (query, query_service) = read.serve().await?;
+    let client = reqwest::Client::new();
+    let show = new_show(&writes.base).await?;
+    let book = |seat: &'static str| {
+        let (client, base, show) = (client.clone(), writes.base.clone(), show.clone());
+        async move {
+            let body = json!({ "show_id": show, "user_id": uuid::Uuid::new_v4().to_string(), "seats": [seat] });
+            let answer = send(client.post(format!("{base}/bookings")).json(&body)).await?;
+            anyhow::ensure!(answer.status == 201, "{answer:?}");
+            anyhow::Ok(())
+        }
+    };
+    book("A1").await?;
+    converge(&writes, &read, Duration::from_secs(20)).await?;
+
+    mongo.stop().await?;
+    for seat in ["A2", "A3", "B1", "B2"] {
+        book(seat).await?;
+    }
+    let answer = send(client.get(format!("{query}/shows/{show}/availability"))).await?;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        answer.content_type.as_deref(),
+        Some("application/problem+json")
+    );
+    let ready = send(client.get(format!("{query}/readyz"))).await?;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    // Long enough for the projector to meet the outage with events in hand.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    mongo.restart().await?;
+    let events = converge(&writes, &read, Duration::from_secs(40)).await?;
+    let answer = send(client.get(format!("{query}/shows/{show}/availability"))).await?;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body["booked"], 5);
+    eprintln!("{events} events, all projected after the outage");
+
+    projector.stop().await?;
+    query_service.stop().await?;
+    read.drop().await?;
+    mongo.stop().await?;
+    writes.stop().await
+}

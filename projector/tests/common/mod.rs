@@ -158,6 +158,7 @@ impl Writes {
 /// A read-model database with its own consumer group name.
 #[derive(Clone)]
 pub struct ReadSide {
+    pub uri: String,
     pub database: String,
     pub group: String,
     pub store: ReadStore,
@@ -165,14 +166,15 @@ pub struct ReadSide {
 
 impl ReadSide {
     pub async fn new() -> anyhow::Result<Self> {
+        Self::at(&ticketing_tests::mongodb_uri()).await
+    }
+
+    /// Read models on the MongoDB server at `uri`.
+    pub async fn at(uri: &str) -> anyhow::Result<Self> {
         let database = ticketing_tests::unique_name("read_models");
-        let store = ReadStore::connect(
-            &ticketing_tests::mongodb_uri(),
-            &database,
-            Duration::from_secs(5),
-        )
-        .await?;
+        let store = ReadStore::connect(uri, &database, Duration::from_secs(2)).await?;
         Ok(Self {
+            uri: uri.to_owned(),
             group: ticketing_tests::unique_name("projector"),
             database,
             store,
@@ -201,7 +203,7 @@ impl ReadSide {
     /// query-api over this database, in this process.
     pub async fn serve(&self) -> anyhow::Result<(String, Service)> {
         let settings = query_api::startup::Settings {
-            mongodb_uri: ticketing_tests::mongodb_uri(),
+            mongodb_uri: self.uri.clone(),
             mongodb_database: self.database.clone(),
             addr: "127.0.0.1:0".parse()?,
             startup_timeout_secs: 5,
