@@ -44,6 +44,11 @@ pub struct ConsumerSettings {
     /// How long a batch waits for more events once it has one, in ms.
     #[arg(long, env = "PROJECTOR_LINGER_MS", default_value_t = 20)]
     pub linger_ms: u64,
+    /// Longest the broker may hold a fetch with nothing new, in ms. Tansu
+    /// answers a waiting fetch only when this runs out, so it bounds how
+    /// stale the read side is when idle (librdkafka's default is 500).
+    #[arg(long, env = "PROJECTOR_FETCH_WAIT_MS", default_value_t = 20)]
+    pub fetch_wait_ms: u64,
 }
 
 /// The consumer group of read-model generation `generation`.
@@ -165,6 +170,7 @@ impl Projection {
                 .set("enable.auto.commit", "false")
                 .set("auto.offset.reset", "earliest")
                 .set("session.timeout.ms", "10000")
+                .set("fetch.wait.max.ms", self.settings.fetch_wait_ms.to_string())
                 .create()
                 .context("invalid Kafka consumer settings")?,
         );

@@ -188,6 +188,7 @@ impl ReadSide {
             group: self.group.clone(),
             batch: 200,
             linger_ms: 20,
+            fetch_wait_ms: 20,
         }
     }
 
