@@ -385,3 +385,18 @@ async fn health_readiness_and_openapi_answer() -> anyhow::Result<()> {
     }
     app.stop().await
 }
+
+/// Where autovacuum is off, `events` is never analyzed and a generic plan
+/// cached while it was small would stay a sequential scan: every connection
+/// plans each query for the table as it is.
+#[tokio::test]
+async fn every_connection_plans_for_the_table_as_it_is() -> anyhow::Result<()> {
+    let db = ticketing_tests::TestDatabase::create().await?;
+    let pool = command_api::startup::connect(&common::settings(db.url(), 600)).await?;
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(mode, "force_custom_plan");
+    pool.close().await;
+    db.drop_database().await
+}

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! The log is made through command-api over HTTP: each cycle buys two seats
-//! and cancels them (six events), on 40 shows of 100 seats.
+//! and cancels them (six events), on `--shows` shows of 100 seats.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -42,6 +42,9 @@ struct Args {
     /// Seconds per read measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Shows of 100 seats the cycles are spread over.
+    #[arg(long, default_value_t = 400)]
+    shows: usize,
     /// Bookings timed from 201 to visible.
     #[arg(long, default_value_t = 200)]
     visible: usize,
@@ -97,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The log.
     let mut shows = Vec::new();
-    for n in 0..40 {
+    for n in 0..args.shows {
         let created: Value = client
             .post(format!("{command}/shows"))
             .json(&show_body(n))
@@ -162,7 +165,10 @@ async fn main() -> anyhow::Result<()> {
         fetch_wait_ms: 20,
     };
     // Wait until the relay has published the whole log.
-    wait_published(&command, events).await?;
+    let last_position: i64 = sqlx::query_scalar("SELECT max(global_position) FROM events")
+        .fetch_one(&db.pool)
+        .await?;
+    wait_published(&command, last_position).await?;
     let generation = store.pointer().await?.current;
     store.prepare(generation).await?;
     let start = (0..6).map(|p| (p, 0_i64)).collect();
@@ -356,7 +362,7 @@ async fn main() -> anyhow::Result<()> {
     db.drop_database().await
 }
 
-async fn wait_published(command: &str, events: i64) -> anyhow::Result<()> {
+async fn wait_published(command: &str, last_position: i64) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -366,8 +372,10 @@ async fn wait_published(command: &str, events: i64) -> anyhow::Result<()> {
             .await?
             .json()
             .await?;
-        let published = ready["relay"]["published"].as_i64().unwrap_or(0);
-        if ready["relay"]["lag_events"].as_i64() == Some(0) && published >= events {
+        let through = ready["relay"]["published_through"]["global_position"]
+            .as_i64()
+            .unwrap_or(0);
+        if ready["relay"]["lag_events"].as_i64() == Some(0) && through >= last_position {
             return Ok(());
         }
         anyhow::ensure!(

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use projector::live::{ConsumerSettings, Projection};
 use projector::replay::{self, ReplaySettings};
 use projector::store::ReadStore;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -78,10 +78,16 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     match settings.command {
         Some(Command::Replay(replay_settings)) => {
+            let options: PgConnectOptions = replay_settings
+                .database_url
+                .parse::<PgConnectOptions>()
+                .context("DATABASE_URL is not a Postgres URL")?
+                // As in command-api: never a stale generic plan on `events`.
+                .options([("plan_cache_mode", "force_custom_plan")]);
             let pool = PgPoolOptions::new()
                 .max_connections(2)
                 .acquire_timeout(timeout)
-                .connect(&replay_settings.database_url)
+                .connect_with(options)
                 .await
                 .context("the Postgres event log is unreachable")?;
             let report =
