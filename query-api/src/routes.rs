@@ -21,8 +21,6 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use crate::problem::QueryError;
 use crate::startup::Reads;
 
-/// Longest a read waits for its consistency token.
-pub const CONSISTENCY_WAIT: Duration = Duration::from_secs(5);
 /// Most bookings listed for one user, newest first.
 pub const MAX_USER_BOOKINGS: i64 = 500;
 
@@ -452,7 +450,7 @@ fn token(headers: &HeaderMap) -> Result<Option<ConsistencyToken>, QueryError> {
 }
 
 /// Polls `reflected` until it is true, or answers 504 after
-/// [`CONSISTENCY_WAIT`].
+/// `CONSISTENCY_WAIT_MS`.
 async fn wait<F, Fut>(reads: &Reads, mut reflected: F) -> Result<(), QueryError>
 where
     F: FnMut() -> Fut,
