@@ -7,8 +7,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use command_api::settings::Settings;
 use command_api::startup::{self, App};
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -32,7 +30,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.settings.log_json);
+    service_kit::init_tracing(cli.settings.log_json);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -52,46 +50,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Relay => {
-            let stop = CancellationToken::new();
-            tokio::spawn(stop_on_signal(stop.clone()));
+            let stop = service_kit::stop_on_signal();
             startup::run_relay(cli.settings, stop).await
         }
         Command::Serve => {
             let app = App::build(cli.settings).await?;
-            let stop = CancellationToken::new();
-            tokio::spawn(stop_on_signal(stop.clone()));
+            let stop = service_kit::stop_on_signal();
             app.run_until(stop).await
         }
     }
-}
-
-fn init_tracing(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        logs.json().init()
-    } else {
-        logs.init()
-    }
-}
-
-/// SIGTERM or Ctrl-C: stop taking requests, finish the ones in flight.
-async fn stop_on_signal(stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutting down: finishing requests in flight");
-    stop.cancel();
 }

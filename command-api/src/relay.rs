@@ -18,8 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use domain::envelope::{AnyEvent, PublishedEvent, ENVELOPE_VERSION};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
@@ -30,6 +28,8 @@ use serde::Serialize;
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
+
+pub use event_feed::{Committed, Cursor};
 
 /// The channel the `events_wake_relay` trigger notifies at every commit.
 const WAKE_CHANNEL: &str = "events_committed";
@@ -65,26 +65,6 @@ pub struct RelaySettings {
     /// retried, in ms.
     #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 15_000)]
     pub relay_ack_timeout_ms: u64,
-}
-
-/// Where the relay has published up to: the last event acknowledged by Kafka,
-/// in `(tx_id, global_position)` order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Cursor {
-    /// The transaction id (xid8) as text.
-    pub tx_id: String,
-    /// The global position.
-    pub global_position: i64,
-}
-
-impl Cursor {
-    /// Before the first event.
-    pub fn start() -> Self {
-        Self {
-            tx_id: "0".to_owned(),
-            global_position: 0,
-        }
-    }
 }
 
 /// What the relay is doing, for `/readyz`.
@@ -152,15 +132,6 @@ impl RelayStatus {
             change(&mut report);
         }
     }
-}
-
-/// One event read from the log, ready to publish.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    /// Its place in relay order.
-    pub cursor: Cursor,
-    /// The envelope.
-    pub event: PublishedEvent,
 }
 
 /// The relay of one topic.
@@ -300,7 +271,8 @@ impl Relay {
         let poll = Duration::from_millis(self.settings.relay_poll_ms.max(1));
         let mut lag_measured = Instant::now() - Duration::from_secs(60);
         while !stop.is_cancelled() {
-            let batch = read_batch(&mut conn, &cursor, self.settings.relay_batch).await?;
+            let batch =
+                event_feed::read_after(&mut conn, &cursor, self.settings.relay_batch).await?;
             if let Some(last) = batch.last() {
                 let last = last.cursor.clone();
                 publish(&producer, &self.settings.relay_topic, &batch).await?;
@@ -349,7 +321,7 @@ impl Relay {
 pub async fn publish(
     producer: &FutureProducer,
     topic: &str,
-    batch: &[Outgoing],
+    batch: &[Committed],
 ) -> anyhow::Result<()> {
     let mut acks = Vec::with_capacity(batch.len());
     for outgoing in batch {
@@ -471,67 +443,6 @@ async fn save_checkpoint(
     .await
     .context("saving the relay checkpoint")?;
     Ok(())
-}
-
-/// The next events after `cursor` whose transactions have committed, and
-/// below every transaction still open, so none can appear before them later.
-///
-/// # Errors
-/// Store errors, and an event that does not decode (the log and the code
-/// disagree: the relay stops there rather than skip it).
-pub async fn read_batch(
-    conn: &mut PgConnection,
-    cursor: &Cursor,
-    limit: i64,
-) -> anyhow::Result<Vec<Outgoing>> {
-    let rows = sqlx::query(
-        "SELECT tx_id::text AS tx_id, global_position, aggregate_type, aggregate_id, sequence,
-                event_type, event_version, payload, metadata, recorded_at
-           FROM events
-          WHERE (tx_id, global_position) > ($1::text::xid8, $2)
-            AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY tx_id, global_position
-          LIMIT $3",
-    )
-    .bind(&cursor.tx_id)
-    .bind(cursor.global_position)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-    .context("reading the log")?;
-    rows.into_iter()
-        .map(|row| {
-            let aggregate_type: String = row.try_get("aggregate_type")?;
-            let aggregate_id: String = row.try_get("aggregate_id")?;
-            let sequence: i64 = row.try_get("sequence")?;
-            let payload: serde_json::Value = row.try_get("payload")?;
-            let metadata: serde_json::Value = row.try_get("metadata")?;
-            let decoded = AnyEvent::decode(&aggregate_type, &payload).with_context(|| {
-                format!("event {aggregate_type} {aggregate_id}#{sequence} does not decode")
-            })?;
-            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
-            let global_position: i64 = row.try_get("global_position")?;
-            Ok(Outgoing {
-                cursor: Cursor {
-                    tx_id: row.try_get("tx_id")?,
-                    global_position,
-                },
-                event: PublishedEvent {
-                    envelope_version: ENVELOPE_VERSION,
-                    show_id: decoded.show_id(),
-                    aggregate_type,
-                    aggregate_id,
-                    sequence: u64::try_from(sequence).context("a negative sequence")?,
-                    event_type: row.try_get("event_type")?,
-                    event_version: row.try_get("event_version")?,
-                    global_position,
-                    recorded_at,
-                    payload,
-                    metadata: serde_json::from_value(metadata).unwrap_or_default(),
-                },
-            })
-        })
-        .collect()
 }
 
 /// Events after `cursor` and the age of the oldest of them, in seconds.

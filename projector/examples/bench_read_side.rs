@@ -431,32 +431,10 @@ async fn matches_log(
     pool: &sqlx::PgPool,
 ) -> anyhow::Result<bool> {
     use futures::TryStreamExt;
-    use sqlx::Row;
-    let rows = sqlx::query(
-        "SELECT global_position, aggregate_type, aggregate_id, sequence, event_type,
-                event_version, payload, recorded_at
-           FROM events ORDER BY tx_id, global_position",
-    )
-    .fetch_all(pool)
-    .await?;
+    let mut conn = pool.acquire().await?;
     let mut models = domain::read_model::Models::default();
-    for row in rows {
-        let aggregate_type: String = row.try_get("aggregate_type")?;
-        let payload: Value = row.try_get("payload")?;
-        let decoded = domain::AnyEvent::decode(&aggregate_type, &payload)?;
-        models.apply(&domain::PublishedEvent {
-            envelope_version: 1,
-            aggregate_type,
-            aggregate_id: row.try_get("aggregate_id")?,
-            sequence: u64::try_from(row.try_get::<i64, _>("sequence")?)?,
-            event_type: row.try_get("event_type")?,
-            event_version: row.try_get("event_version")?,
-            global_position: row.try_get("global_position")?,
-            show_id: decoded.show_id(),
-            recorded_at: row.try_get("recorded_at")?,
-            payload,
-            metadata: std::collections::BTreeMap::new(),
-        })?;
+    for event in event_feed::read_all(&mut conn, 10_000).await? {
+        models.apply(&event)?;
     }
     let shows: Vec<ShowDoc> = store
         .shows(generation)

@@ -12,8 +12,6 @@ use projector::live::{ConsumerSettings, Projection};
 use projector::replay::{self, ReplaySettings};
 use projector::store::ReadStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// Settings, from the command line or the environment.
 #[derive(Debug, Parser)]
@@ -53,7 +51,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    init_tracing(settings.log_json);
+    service_kit::init_tracing(settings.log_json);
     match run(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -73,8 +71,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .ping()
         .await
         .with_context(|| format!("mongodb at {} is unreachable", settings.mongodb_uri))?;
-    let stop = CancellationToken::new();
-    tokio::spawn(stop_on_signal(stop.clone()));
+    let stop = service_kit::stop_on_signal();
 
     match settings.command {
         Some(Command::Replay(replay_settings)) => {
@@ -121,35 +118,4 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn init_tracing(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        logs.json().init()
-    } else {
-        logs.init()
-    }
-}
-
-/// SIGTERM or Ctrl-C: finish the batch in hand, then stop.
-async fn stop_on_signal(stop: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            stop.cancel();
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down");
-    stop.cancel();
 }

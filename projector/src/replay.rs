@@ -13,11 +13,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use domain::{AnyEvent, PublishedEvent};
+use domain::PublishedEvent;
+use event_feed::Cursor;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::live::{group_of, ConsumerSettings, Projection, Until};
@@ -90,22 +90,28 @@ pub async fn replay(
     hand_over_offsets(consumer, to, &start).await?;
 
     let log_started = Instant::now();
-    let mut cursor = ("0".to_owned(), 0_i64);
+    let mut conn = pool
+        .acquire()
+        .await
+        .context("connecting to the event log")?;
+    let mut cursor = Cursor::start();
     let mut events = 0_u64;
     loop {
         if stop.is_cancelled() {
             anyhow::bail!("replay stopped before the switch; generation {from} still answers");
         }
-        let chunk = read_log(pool, &cursor, settings.replay_batch).await?;
+        let chunk = event_feed::read_after(&mut conn, &cursor, settings.replay_batch).await?;
         let Some(last) = chunk.last() else { break };
-        cursor = last.0.clone();
-        let published: Vec<PublishedEvent> = chunk.into_iter().map(|(_, e)| e).collect();
+        cursor = last.cursor.clone();
+        let full = i64::try_from(chunk.len()).unwrap_or(i64::MAX) >= settings.replay_batch;
+        let published: Vec<PublishedEvent> = chunk.into_iter().map(|c| c.event).collect();
         events += published.len() as u64;
         store.apply(to, &published).await?;
-        if (published.len() as i64) < settings.replay_batch {
+        if !full {
             break;
         }
     }
+    drop(conn);
     let log_secs = log_started.elapsed().as_secs_f64();
     tracing::info!(events, log_secs, "log applied; catching up with the topic");
 
@@ -205,60 +211,4 @@ fn group_consumer(settings: &ConsumerSettings, generation: u32) -> anyhow::Resul
         .set("enable.auto.commit", "false")
         .create()
         .context("invalid Kafka consumer settings")
-}
-
-type Cursor = (String, i64);
-
-/// The next `limit` events of the log after `cursor`, in the relay's order:
-/// `(tx_id, global_position)` below the oldest open transaction. Reading by
-/// `global_position` alone could pass over a transaction that took an early
-/// position and commits late.
-async fn read_log(
-    pool: &PgPool,
-    cursor: &Cursor,
-    limit: i64,
-) -> anyhow::Result<Vec<(Cursor, PublishedEvent)>> {
-    let rows = sqlx::query(
-        "SELECT tx_id::text AS tx_id, global_position, aggregate_type, aggregate_id, sequence,
-                event_type, event_version, payload, metadata, recorded_at
-           FROM events
-          WHERE (tx_id, global_position) > ($1::text::xid8, $2)
-            AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY tx_id, global_position
-          LIMIT $3",
-    )
-    .bind(&cursor.0)
-    .bind(cursor.1)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-    .context("reading the event log")?;
-    rows.into_iter()
-        .map(|row| {
-            let aggregate_type: String = row.try_get("aggregate_type")?;
-            let aggregate_id: String = row.try_get("aggregate_id")?;
-            let sequence: i64 = row.try_get("sequence")?;
-            let payload: serde_json::Value = row.try_get("payload")?;
-            let metadata: serde_json::Value = row.try_get("metadata")?;
-            let decoded = AnyEvent::decode(&aggregate_type, &payload).with_context(|| {
-                format!("event {aggregate_type} {aggregate_id}#{sequence} does not decode")
-            })?;
-            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
-            let global_position: i64 = row.try_get("global_position")?;
-            let event = PublishedEvent {
-                envelope_version: domain::envelope::ENVELOPE_VERSION,
-                show_id: decoded.show_id(),
-                aggregate_type,
-                aggregate_id,
-                sequence: u64::try_from(sequence).context("a negative sequence")?,
-                event_type: row.try_get("event_type")?,
-                event_version: row.try_get("event_version")?,
-                global_position,
-                recorded_at,
-                payload,
-                metadata: serde_json::from_value(metadata).unwrap_or_default(),
-            };
-            Ok(((row.try_get("tx_id")?, global_position), event))
-        })
-        .collect()
 }

@@ -123,7 +123,9 @@ impl Writes {
         self.db.drop_database().await
     }
 
-    /// The events of the log in the relay's order, as published.
+    /// The events of the log in the relay's order, as published. Read with
+    /// its own query (not the `event-feed` crate under test), and without
+    /// the open-transaction barrier, so it sees everything committed.
     pub async fn log(&self) -> anyhow::Result<Vec<PublishedEvent>> {
         let rows = sqlx::query(
             "SELECT global_position, aggregate_type, aggregate_id, sequence, event_type,
