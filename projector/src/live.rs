@@ -91,8 +91,8 @@ impl Status {
 pub enum Until {
     /// When the query side is switched to another generation.
     Switched,
-    /// When every partition is consumed up to its end; `start` is where the
-    /// group's offsets stood when the run began.
+    /// When every partition is consumed up to where it ended when the run
+    /// began; `start` is where the group's offsets stood then.
     CaughtUp {
         /// Next offset per partition.
         start: BTreeMap<i32, i64>,
@@ -169,35 +169,38 @@ impl Projection {
                 .set("group.id", group_of(&self.settings.group, generation))
                 .set("enable.auto.commit", "false")
                 .set("auto.offset.reset", "earliest")
-                .set("session.timeout.ms", "10000")
                 .set("fetch.wait.max.ms", self.settings.fetch_wait_ms.to_string())
                 .create()
                 .context("invalid Kafka consumer settings")?,
         );
-        consumer
-            .subscribe(&[&self.settings.topic])
-            .context("cannot subscribe to the event topic")?;
+        if !self.assign_every_partition(&consumer, stop).await? {
+            return Ok(());
+        }
         let mut next = match &until {
             Until::CaughtUp { start } => start.clone(),
             Until::Switched => BTreeMap::new(),
         };
+        // A catch-up ends at the topic's end as it was when the catch-up
+        // began, not when the topic goes idle: during an on-sale it never
+        // does. What arrives later is the new generation's group's to apply,
+        // from the offsets this run commits.
+        let mut end: Option<BTreeMap<i32, i64>> = None;
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
+            if let Until::CaughtUp { .. } = until {
+                if end.is_none() {
+                    end = self.end_offsets(&consumer).await;
+                }
+                if end.as_ref().is_some_and(|end| reached(&next, end)) {
+                    return Ok(());
+                }
+            }
             let batch = self.collect(&consumer).await;
             if batch.offsets.is_empty() {
-                match &until {
-                    Until::Switched => {
-                        if self.switched_from(generation).await {
-                            return Ok(());
-                        }
-                    }
-                    Until::CaughtUp { .. } => {
-                        if self.caught_up(&consumer, &next).await {
-                            return Ok(());
-                        }
-                    }
+                if until == Until::Switched && self.switched_from(generation).await {
+                    return Ok(());
                 }
                 continue;
             }
@@ -285,11 +288,62 @@ impl Projection {
         }
     }
 
-    async fn caught_up(&self, consumer: &Arc<StreamConsumer>, next: &BTreeMap<i32, i64>) -> bool {
+    /// Takes every partition of the topic, each from the group's committed
+    /// offset (the start of the partition when there is none), waiting for
+    /// the topic to exist. False when stopped first.
+    ///
+    /// One projector reads the whole topic, so it assigns the partitions to
+    /// itself rather than joining the group: Tansu 0.6.0 keeps a SIGKILLed
+    /// member as the group's leader, and a projector restarted after one was
+    /// assigned no partition and never resumed (observed for minutes). The
+    /// group still holds the committed offsets.
+    async fn assign_every_partition(
+        &self,
+        consumer: &Arc<StreamConsumer>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        loop {
+            let found = {
+                let consumer = Arc::clone(consumer);
+                let topic = self.settings.topic.clone();
+                tokio::task::spawn_blocking(move || -> anyhow::Result<TopicPartitionList> {
+                    let metadata = consumer.fetch_metadata(Some(&topic), KAFKA_TIMEOUT)?;
+                    let mut list = TopicPartitionList::new();
+                    for partition in metadata
+                        .topics()
+                        .iter()
+                        .filter(|t| t.name() == topic && t.error().is_none())
+                        .flat_map(|t| t.partitions())
+                    {
+                        list.add_partition_offset(&topic, partition.id(), Offset::Stored)?;
+                    }
+                    Ok(list)
+                })
+                .await
+                .context("metadata task failed")?
+            };
+            match found {
+                Ok(list) if list.count() > 0 => {
+                    consumer
+                        .assign(&list)
+                        .context("cannot assign the event topic's partitions")?;
+                    return Ok(true);
+                }
+                Ok(_) => tracing::warn!(topic = %self.settings.topic, "no such topic yet; waiting"),
+                Err(error) => tracing::warn!("cannot read the event topic's partitions: {error:#}"),
+            }
+            if !pause(stop, Duration::from_secs(1)).await {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// The next offset past the end of every partition, or `None` when the
+    /// broker cannot say now.
+    async fn end_offsets(&self, consumer: &Arc<StreamConsumer>) -> Option<BTreeMap<i32, i64>> {
         let consumer = Arc::clone(consumer);
         let topic = self.settings.topic.clone();
-        let next = next.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
             let metadata = consumer.fetch_metadata(Some(&topic), KAFKA_TIMEOUT)?;
             let partitions = metadata
                 .topics()
@@ -297,21 +351,18 @@ impl Projection {
                 .find(|t| t.name() == topic)
                 .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
                 .unwrap_or_default();
+            let mut end = BTreeMap::new();
             for partition in partitions {
                 let (_, high) = consumer.fetch_watermarks(&topic, partition, KAFKA_TIMEOUT)?;
-                if next.get(&partition).copied().unwrap_or(0) < high {
-                    return Ok(false);
-                }
+                end.insert(partition, high);
             }
-            Ok(true)
+            Ok(end)
         })
         .await
         .map_err(anyhow::Error::from)
         .and_then(|r| r)
-        .unwrap_or_else(|error| {
-            tracing::warn!("cannot read the topic's end offsets: {error:#}");
-            false
-        })
+        .map_err(|error| tracing::warn!("cannot read the topic's end offsets: {error:#}"))
+        .ok()
     }
 
     fn failed(&self, error: &StoreError) {
@@ -319,6 +370,12 @@ impl Projection {
         self.status
             .update(|r| r.last_error = Some(error.to_string()));
     }
+}
+
+/// Whether `next` is at or past `end` on every partition.
+fn reached(next: &BTreeMap<i32, i64>, end: &BTreeMap<i32, i64>) -> bool {
+    end.iter()
+        .all(|(partition, end)| next.get(partition).copied().unwrap_or(0) >= *end)
 }
 
 /// Messages of one batch: the decodable events, and the last offset seen
