@@ -13,6 +13,7 @@ use sqlx::{ConnectOptions, PgPool};
 use uuid::Uuid;
 
 pub mod kafka;
+pub mod system;
 
 /// Postgres server of the tests (`TEST_DATABASE_URL`, then `DATABASE_URL`).
 pub fn postgres_url() -> String {

@@ -1,0 +1,323 @@
+//! The whole system as a user runs it: the release binaries of command-api
+//! (with its relay), the projector and query-api, each a child process with
+//! its own log file, over a fresh Postgres database, Kafka topic, consumer
+//! group and MongoDB database. Tests drive it over public HTTP only; a
+//! service can be SIGKILLed and started again on the same address.
+//!
+//! The binaries come from `cargo build --release` (`make test` builds them
+//! first); a missing binary is an error, never a skip.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use serde_json::Value;
+
+use crate::{kafka_brokers, mongodb_uri, unique_name, TestDatabase};
+
+/// One of the project's services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Service {
+    /// Writes, with the relay to Kafka in the same process.
+    CommandApi,
+    /// Kafka to MongoDB.
+    Projector,
+    /// Reads.
+    QueryApi,
+}
+
+impl Service {
+    fn binary(self) -> &'static str {
+        match self {
+            Self::CommandApi => "command-api",
+            Self::Projector => "projector",
+            Self::QueryApi => "query-api",
+        }
+    }
+}
+
+/// Where `cargo build --release` put the binaries.
+///
+/// # Errors
+/// When one of them is missing.
+pub fn release_dir() -> anyhow::Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    let dir = target.join("release");
+    for service in [Service::CommandApi, Service::Projector, Service::QueryApi] {
+        let binary = dir.join(service.binary());
+        ensure!(
+            binary.is_file(),
+            "{} is missing: build the release binaries first (`make test` does: \
+             make release)",
+            binary.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// A free port on 127.0.0.1 (free when asked; the service binds it soon after).
+fn free_addr() -> anyhow::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("no free port")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// Settings of a system under test.
+#[derive(Debug, Clone)]
+pub struct SystemSettings {
+    /// `HOLD_SECS` of command-api.
+    pub hold_secs: u64,
+}
+
+impl Default for SystemSettings {
+    fn default() -> Self {
+        Self { hold_secs: 600 }
+    }
+}
+
+/// The running system.
+pub struct System {
+    /// Base URL of command-api.
+    pub command_url: String,
+    /// Base URL of query-api.
+    pub query_url: String,
+    /// Base URL of the projector's health endpoints.
+    pub projector_url: String,
+    /// An HTTP client for the tests.
+    pub http: reqwest::Client,
+    db: Option<TestDatabase>,
+    mongodb_database: String,
+    env: Vec<(&'static str, String)>,
+    bin: PathBuf,
+    logs: PathBuf,
+    children: Mutex<BTreeMap<Service, Child>>,
+}
+
+impl System {
+    /// Starts the three services and waits until each is ready.
+    ///
+    /// # Errors
+    /// When a server is unreachable or a service does not get ready.
+    pub async fn start(settings: SystemSettings) -> anyhow::Result<Self> {
+        let bin = release_dir()?;
+        let db = TestDatabase::create().await?;
+        let name = unique_name("e2e");
+        let (command_addr, query_addr, projector_addr) = (free_addr()?, free_addr()?, free_addr()?);
+        let env = vec![
+            ("DATABASE_URL", db.url()),
+            ("KAFKA_BROKERS", kafka_brokers()),
+            ("MONGODB_URI", mongodb_uri()),
+            ("MONGODB_DATABASE", name.clone()),
+            ("RELAY_TOPIC", name.clone()),
+            ("PROJECTOR_TOPIC", name.clone()),
+            ("PROJECTOR_GROUP", name.clone()),
+            ("RELAY_PARTITIONS", "3".to_owned()),
+            ("COMMAND_API_ADDR", command_addr.clone()),
+            ("QUERY_API_ADDR", query_addr.clone()),
+            ("PROJECTOR_ADDR", projector_addr.clone()),
+            ("HOLD_SECS", settings.hold_secs.to_string()),
+            ("SWEEP_EVERY_SECS", "1".to_owned()),
+            ("RELAY_STANDBY_POLL_MS", "300".to_owned()),
+            ("REPLAY_GRACE_SECS", "1".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        let logs = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/e2e-logs")
+            .join(&name);
+        std::fs::create_dir_all(&logs).context("cannot create the log directory")?;
+        let system = Self {
+            command_url: format!("http://{command_addr}"),
+            query_url: format!("http://{query_addr}"),
+            projector_url: format!("http://{projector_addr}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            db: Some(db),
+            mongodb_database: name,
+            env,
+            bin,
+            logs,
+            children: Mutex::new(BTreeMap::new()),
+        };
+        // command-api first: its relay creates the topic the projector
+        // subscribes to by name.
+        system.start_service(Service::CommandApi).await?;
+        system.start_service(Service::Projector).await?;
+        system.start_service(Service::QueryApi).await?;
+        Ok(system)
+    }
+
+    fn base_url(&self, service: Service) -> &str {
+        match service {
+            Service::CommandApi => &self.command_url,
+            Service::Projector => &self.projector_url,
+            Service::QueryApi => &self.query_url,
+        }
+    }
+
+    fn children(&self) -> anyhow::Result<std::sync::MutexGuard<'_, BTreeMap<Service, Child>>> {
+        self.children
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a test thread panicked holding the services"))
+    }
+
+    /// The log file of a service.
+    pub fn log_path(&self, service: Service) -> PathBuf {
+        self.logs.join(format!("{}.log", service.binary()))
+    }
+
+    fn command(&self, binary: &str, log: &str) -> anyhow::Result<Command> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(log))
+            .context("cannot open a log file")?;
+        let mut command = Command::new(self.bin.join(binary));
+        command
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        Ok(command)
+    }
+
+    /// Starts a service (again) and waits until its `/readyz` is 200.
+    ///
+    /// # Errors
+    /// When it exits or is not ready within 60 s.
+    pub async fn start_service(&self, service: Service) -> anyhow::Result<()> {
+        {
+            let mut children = self.children()?;
+            ensure!(
+                !children.contains_key(&service),
+                "{service:?} is already running"
+            );
+            let child = self
+                .command(service.binary(), &format!("{}.log", service.binary()))?
+                .spawn()
+                .with_context(|| format!("cannot start {}", service.binary()))?;
+            children.insert(service, child);
+        }
+        let url = format!("{}/readyz", self.base_url(service));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(answer) = self.http.get(&url).send().await {
+                if answer.status().is_success() {
+                    let body: Value = answer.json().await.unwrap_or(Value::Null);
+                    // The relay has created the topic once it is active.
+                    if service != Service::CommandApi || body["relay"]["role"] == "active" {
+                        return Ok(());
+                    }
+                }
+            }
+            let exited = match self.children()?.get_mut(&service) {
+                Some(child) => child.try_wait()?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                self.children()?.remove(&service);
+                bail!(
+                    "{} exited with {status} during start-up; see {}",
+                    service.binary(),
+                    self.log_path(service).display()
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} not ready within 60 s; see {}",
+                service.binary(),
+                self.log_path(service).display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs a service: no shutdown of any kind.
+    ///
+    /// # Errors
+    /// When it is not running.
+    pub fn kill(&self, service: Service) -> anyhow::Result<()> {
+        let mut child = self
+            .children()?
+            .remove(&service)
+            .with_context(|| format!("{service:?} is not running"))?;
+        child.kill().context("SIGKILL failed")?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Runs `projector replay` to the end, as an operator would.
+    ///
+    /// # Errors
+    /// When it fails.
+    pub async fn replay(&self) -> anyhow::Result<()> {
+        let mut command = self.command("projector", "replay.log")?;
+        command.arg("replay");
+        let status = tokio::task::spawn_blocking(move || command.status())
+            .await?
+            .context("cannot run projector replay")?;
+        ensure!(
+            status.success(),
+            "projector replay exited with {status}; see {}",
+            self.logs.join("replay.log").display()
+        );
+        Ok(())
+    }
+
+    /// Stops every service with SIGTERM, then drops the test's databases.
+    ///
+    /// # Errors
+    /// When a service does not stop within 15 s or exits with a failure.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let children = std::mem::take(&mut *self.children()?);
+        for (service, mut child) in children.into_iter().rev() {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()?;
+            ensure!(status.success(), "kill -TERM {service:?} failed");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let exit = loop {
+                if let Some(exit) = child.try_wait()? {
+                    break exit;
+                }
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    bail!("{service:?} did not stop within 15 s of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            ensure!(
+                exit.success(),
+                "{service:?} exited with {exit} on SIGTERM; see {}",
+                self.log_path(service).display()
+            );
+        }
+        if let Some(db) = self.db.take() {
+            db.drop_database().await?;
+        }
+        let mongo = mongodb::Client::with_uri_str(mongodb_uri()).await?;
+        mongo.database(&self.mongodb_database).drop().await?;
+        Ok(())
+    }
+}
+
+impl Drop for System {
+    /// A failed test must not leave services running.
+    fn drop(&mut self) {
+        let Ok(mut children) = self.children.lock() else {
+            return;
+        };
+        for child in children.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
