@@ -1,27 +1,48 @@
 # The two commands of the README: `make up` and `make test`.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
+RELEASE_BINARIES := -p command-api -p projector -p query-api -p ticketing-bench
+BENCH := target/release/onsale
+BENCH_OUT = bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-$$(git rev-parse --short HEAD)
 
-.PHONY: help up down status test lint
+.PHONY: help up down status test lint infra release bench
 
 help:
-	@echo "make up     bring up Postgres, Tansu (Kafka) and SecantusDB (MongoDB) on 127.0.0.1"
-	@echo "make test   bring them up, then lint and run every test against them"
-	@echo "make down   stop what make up started"
+	@echo "make up      build, start Postgres, Kafka (Tansu), MongoDB (SecantusDB) and the three services"
+	@echo "make down    stop everything make up started"
+	@echo "make test    bring the servers up, build, lint and run every test (end to end included)"
+	@echo "make bench   a short on-sale against the running system; JSON in bench/results/"
+	@echo "make status  what runs"
 
-up:
-	scripts/infra.sh up
+up: infra release
+	scripts/services.sh up
 
 down:
+	scripts/services.sh down
 	scripts/infra.sh down
 
 status:
 	scripts/infra.sh status
+	scripts/services.sh status
 
+infra:
+	scripts/infra.sh up
+
+release:
+	cargo build --release --locked $(RELEASE_BINARIES)
+
+# The end-to-end tests start the release binaries themselves, on their own
+# ports and databases, so a running `make up` and `make test` do not meet.
 # Lint first: it is the cheapest failure. nextest prints the test summary.
-test: up lint
+test: infra lint release
 	cargo nextest run --workspace --all-targets --no-fail-fast
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# Two short runs against what `make up` started: an on-sale of 64 buyers on
+# 2,000 seats, and 1,000 buyers racing for 10 seats.
+bench: up
+	$(BENCH) --name onsale-64x2000 --clients 64 --seats 2000 --seconds 10 --out $(BENCH_OUT)-onsale.json
+	$(BENCH) --name race-1000x10 --clients 1000 --seats 10 --hot-seats 1 --max-seats 1 --holds 0 --cancels 0 --once --out $(BENCH_OUT)-race.json

@@ -38,8 +38,16 @@ wait_for_port() { # name port pidfile
   die "$name did not answer on 127.0.0.1:$port within ${WAIT_SECS}s; see its log in $DATA"
 }
 
-running_pid() { # pidfile -> prints the pid when that process is alive
-  [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null && cat "$1"
+# A recorded pid counts only while its command line still names the server:
+# after a reboot the number may belong to a process that is not ours.
+running_pid() { # pidfile -> prints the pid when that server is alive
+  local pid cmdline
+  [[ -f $1 ]] || return 1
+  pid=$(cat "$1")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  [[ $cmdline == *tansu* || $cmdline == *secantus* ]] || return 1
+  echo "$pid"
 }
 
 apt_install() {

@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Starts (or stops) the project's own services from the release binaries,
+# against the servers `scripts/infra.sh up` brought up:
+#   command-api  127.0.0.1:8081  writes, with the relay to Kafka inside
+#   query-api    127.0.0.1:8082  reads
+#   projector    127.0.0.1:8083  Kafka -> MongoDB read models (health only)
+# Logs and pids are in .data/services/. A demo show is created once; its id is
+# kept in .data/services/demo-show (and checked against the event log, so a
+# wiped database gets a new one).
+#
+# Idempotent: `up` leaves a running service alone. `down` stops only the
+# processes whose pids `up` recorded.
+#
+# Every setting the services read can be set in the environment (README,
+# "Configuration"); the addresses below are passed on to them.
+#
+# Usage: scripts/services.sh up|down|status
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DIR=${SERVICES_DIR:-"$ROOT/.data/services"}
+BIN=${SERVICES_BIN:-"${CARGO_TARGET_DIR:-$ROOT/target}/release"}
+WAIT_SECS=${SERVICES_WAIT_SECS:-60}
+
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ticketing}
+export COMMAND_API_ADDR=${COMMAND_API_ADDR:-127.0.0.1:8081}
+export QUERY_API_ADDR=${QUERY_API_ADDR:-127.0.0.1:8082}
+export PROJECTOR_ADDR=${PROJECTOR_ADDR:-127.0.0.1:8083}
+COMMAND_URL="http://$COMMAND_API_ADDR"
+QUERY_URL="http://$QUERY_API_ADDR"
+PROJECTOR_URL="http://$PROJECTOR_ADDR"
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# A recorded pid counts only while it is still that binary: after a reboot
+# the number may belong to someone else's process, which must not be stopped.
+running_pid() { # name -> prints the pid when that service is alive
+  local pidfile="$DIR/$1.pid" pid cmdline
+  [[ -f $pidfile ]] || return 1
+  pid=$(cat "$pidfile")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  [[ $cmdline == *"/$1"* ]] || return 1
+  echo "$pid"
+}
+
+port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
+
+# start NAME ADDR ARGS...: runs the binary in the background unless it runs.
+start() {
+  local name=$1 addr=$2
+  shift 2
+  if running_pid "$name" >/dev/null; then
+    log "$name already running (pid $(running_pid "$name"))"
+    return
+  fi
+  port_open "$addr" && die "$addr is taken by another process; stop it or set the address (README, Configuration)"
+  [[ -x $BIN/$name ]] || die "$BIN/$name is missing: run \`make up\`, which builds it"
+  nohup "$BIN/$name" "$@" >>"$DIR/$name.log" 2>&1 </dev/null &
+  echo $! >"$DIR/$name.pid"
+  log "started $name (pid $!), log in $DIR/$name.log"
+}
+
+# wait_ready NAME URL [PATTERN]: until URL/readyz is 200 (and its body
+# matches PATTERN), failing early if the process died.
+wait_ready() {
+  local name=$1 url=$2 pattern=${3:-} i body
+  for ((i = 0; i < WAIT_SECS * 10; i++)); do
+    if body=$(curl -fsS --max-time 2 "$url/readyz" 2>/dev/null) && [[ $body == *"$pattern"* ]]; then
+      log "$name ready at $url"
+      return 0
+    fi
+    running_pid "$name" >/dev/null || die "$name exited during start-up; last lines of $DIR/$name.log:
+$(tail -n 5 "$DIR/$name.log")"
+    sleep 0.1
+  done
+  die "$name was not ready within ${WAIT_SECS}s; see $DIR/$name.log"
+}
+
+# The demo show, created once per event log.
+demo_show() {
+  local idfile="$DIR/demo-show" id answer headers token
+  if [[ -f $idfile ]]; then
+    id=$(cat "$idfile")
+    if [[ $(psql "$DATABASE_URL" -tAc \
+      "SELECT count(*) FROM events WHERE aggregate_type = 'Show' AND aggregate_id = '$id'") != 0 ]]; then
+      echo "$id"
+      return
+    fi
+  fi
+  headers=$(mktemp)
+  answer=$(curl -fsS --max-time 10 -D "$headers" -XPOST "$COMMAND_URL/shows" \
+    -H 'content-type: application/json' -d '{
+      "name": "Demo Night", "venue": "Blue Note", "starts_at": "2027-06-01T20:00:00Z",
+      "sections": [
+        {"name": "VIP", "price_cents": 22500, "rows": [{"row": "A", "seats": 10}]},
+        {"name": "Floor", "price_cents": 9000, "rows": [{"row": "B", "seats": 20}, {"row": "C", "seats": 20}]}
+      ]}') || die "creating the demo show failed; see $DIR/command-api.log"
+  id=$(sed -E 's/.*"show_id":"([^"]+)".*/\1/' <<<"$answer")
+  token=$(tr -d '\r' <"$headers" | sed -nE 's/^x-consistency-token: (.*)$/\1/Ip')
+  rm -f "$headers"
+  # Read our own write, so the printed reads work at once.
+  curl -fsS --max-time 10 -o /dev/null "$QUERY_URL/shows/$id" -H "X-Consistency-Token: $token" ||
+    die "the demo show did not reach the query side; see $DIR/projector.log"
+  echo "$id" >"$idfile"
+  log "created the demo show $id"
+  echo "$id"
+}
+
+up() {
+  mkdir -p "$DIR"
+  "$BIN/command-api" migrate >>"$DIR/command-api.log" 2>&1 ||
+    die "migrations failed; see $DIR/command-api.log"
+  start command-api "$COMMAND_API_ADDR"
+  # The relay creates the topic before it reports itself active; the
+  # projector subscribes to it by name, so it starts after.
+  wait_ready command-api "$COMMAND_URL" '"role":"active"'
+  start projector "$PROJECTOR_ADDR"
+  start query-api "$QUERY_API_ADDR"
+  wait_ready projector "$PROJECTOR_URL"
+  wait_ready query-api "$QUERY_URL"
+  local show
+  show=$(demo_show)
+  cat <<EOF
+
+Ticketing is up.
+  command-api  $COMMAND_URL   (POST; $COMMAND_URL/openapi.json)
+  query-api    $QUERY_URL   (GET;  $QUERY_URL/openapi.json)
+  projector    $PROJECTOR_URL/readyz
+  logs         $DIR/*.log
+
+Book seat A1 of the demo show, then read the VIP section and your bookings:
+
+curl -s -XPOST $COMMAND_URL/bookings -H 'content-type: application/json' -d '{"show_id":"$show","user_id":"6f1c0a52-3c0e-4d8e-9a53-2c1d5f0b7e11","seats":["A1"]}'
+curl -s '$QUERY_URL/shows/$show/availability?section=VIP'
+curl -s $QUERY_URL/users/6f1c0a52-3c0e-4d8e-9a53-2c1d5f0b7e11/bookings
+
+(A1 can be sold once: book another seat, A2 ... A10, B1 ... C20, for another go.)
+EOF
+}
+
+stop() { # name
+  local name=$1 pid i
+  if pid=$(running_pid "$name"); then
+    kill -TERM "$pid"
+    for ((i = 0; i < 150; i++)); do
+      running_pid "$name" >/dev/null || break
+      sleep 0.1
+    done
+    if running_pid "$name" >/dev/null; then
+      kill -KILL "$pid"
+      log "killed $name (pid $pid): it did not stop within 15 s of SIGTERM"
+    else
+      log "stopped $name (pid $pid)"
+    fi
+  fi
+  rm -f "$DIR/$name.pid"
+}
+
+case ${1:-} in
+  up) up ;;
+  down)
+    # Readers first, the writer last: it lets its requests in flight finish.
+    stop query-api
+    stop projector
+    stop command-api
+    ;;
+  status)
+    for name in command-api projector query-api; do
+      if pid=$(running_pid "$name"); then log "$name running (pid $pid)"; else log "$name not running"; fi
+    done
+    ;;
+  *) die "usage: $0 up|down|status" ;;
+esac

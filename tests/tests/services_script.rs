@@ -1,0 +1,144 @@
+//! `scripts/services.sh` (the second half of `make up`, and `make down`'s
+//! first): the curl lines it prints book a seat that the query side then
+//! shows booked, a second `up` changes nothing, and `down` leaves none of
+//! its processes running. It runs here on its own ports, database, topic
+//! and directory, so it never meets a `make up` of the same machine.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use serde_json::Value;
+use ticketing_tests::system::release_dir;
+use ticketing_tests::{kafka_brokers, mongodb_uri, unique_name, TestDatabase};
+
+fn free_addr() -> anyhow::Result<String> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+}
+
+struct Script {
+    env: Vec<(&'static str, String)>,
+    dir: PathBuf,
+}
+
+impl Script {
+    fn run(&self, verb: &str) -> anyhow::Result<Output> {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
+        let output = Command::new("bash")
+            .arg(script)
+            .arg(verb)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()?;
+        ensure!(
+            output.status.success(),
+            "services.sh {verb} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(output)
+    }
+
+    fn pids(&self) -> anyhow::Result<Vec<String>> {
+        ["command-api", "projector", "query-api"]
+            .iter()
+            .map(|name| {
+                std::fs::read_to_string(self.dir.join(format!("{name}.pid")))
+                    .map(|p| p.trim().to_owned())
+                    .with_context(|| format!("no pid file of {name}"))
+            })
+            .collect()
+    }
+}
+
+/// Alive and not a zombie waiting for its parent: a zombie has no command
+/// line.
+fn alive(pid: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| !cmdline.is_empty())
+}
+
+fn curl(line: &str) -> anyhow::Result<Value> {
+    let output = Command::new("bash").arg("-c").arg(line).output()?;
+    ensure!(output.status.success(), "{line} failed");
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "{line} printed no JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+#[tokio::test]
+async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyhow::Result<()> {
+    let bin = release_dir()?;
+    let db = TestDatabase::create().await?;
+    let name = unique_name("services");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/e2e-logs")
+        .join(&name);
+    let script = Script {
+        env: vec![
+            ("SERVICES_BIN", bin.display().to_string()),
+            ("SERVICES_DIR", dir.display().to_string()),
+            ("DATABASE_URL", db.url()),
+            ("KAFKA_BROKERS", kafka_brokers()),
+            ("MONGODB_URI", mongodb_uri()),
+            ("MONGODB_DATABASE", name.clone()),
+            ("RELAY_TOPIC", name.clone()),
+            ("PROJECTOR_TOPIC", name.clone()),
+            ("PROJECTOR_GROUP", name.clone()),
+            ("COMMAND_API_ADDR", free_addr()?),
+            ("QUERY_API_ADDR", free_addr()?),
+            ("PROJECTOR_ADDR", free_addr()?),
+        ],
+        dir,
+    };
+    let result = async {
+        let up = script.run("up")?;
+        let printed = String::from_utf8(up.stdout)?;
+        let lines: Vec<&str> = printed.lines().filter(|l| l.starts_with("curl ")).collect();
+        ensure!(lines.len() == 3, "three curl lines, not: {printed}");
+        let pids = script.pids()?;
+
+        let booked = curl(lines[0])?;
+        ensure!(booked["status"] == "confirmed", "booking: {booked}");
+        // No token in a copied line: the query side catches up in milliseconds.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seats = curl(lines[1])?;
+            let mine = curl(lines[2])?;
+            if seats["seats"]["A1"] == "booked"
+                && mine["bookings"][0]["booking_id"] == booked["booking_id"]
+            {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "A1 never read as booked: {seats} {mine}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // A second `up` keeps the same processes and the same demo show.
+        let again = String::from_utf8(script.run("up")?.stdout)?;
+        ensure!(script.pids()? == pids, "a second up restarted services");
+        ensure!(
+            again.lines().find(|l| l.starts_with("curl ")) == Some(lines[0]),
+            "a second up made another demo show"
+        );
+
+        script.run("down")?;
+        let running: Vec<&String> = pids.iter().filter(|p| alive(p)).collect();
+        ensure!(running.is_empty(), "still running after down: {running:?}");
+        anyhow::Ok(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = script.run("down");
+    }
+    db.drop_database().await?;
+    let mongo = mongodb::Client::with_uri_str(mongodb_uri()).await?;
+    mongo.database(&name).drop().await?;
+    result
+}
