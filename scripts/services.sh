@@ -136,7 +136,10 @@ curl -s -XPOST $COMMAND_URL/bookings -H 'content-type: application/json' -d '{"s
 curl -s '$QUERY_URL/shows/$show/availability?section=VIP'
 curl -s $QUERY_URL/users/6f1c0a52-3c0e-4d8e-9a53-2c1d5f0b7e11/bookings
 
-(A1 can be sold once: book another seat, A2 ... A10, B1 ... C20, for another go.)
+The reads follow the booking within milliseconds; pasted together they may
+be a moment early. A read that sends the booking's X-Consistency-Token
+header (curl -i shows it) waits for it. A1 sells once: book another seat
+(A2 ... A10, B1 ... C20) for another go.
 EOF
 }
 
