@@ -64,9 +64,27 @@ pub fn release_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// A free port on 127.0.0.1 (free when asked; the service binds it soon after).
-fn free_addr() -> anyhow::Result<String> {
+///
+/// # Errors
+/// When none is.
+pub fn free_addr() -> anyhow::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").context("no free port")?;
     Ok(listener.local_addr()?.to_string())
+}
+
+/// The variables that give services a world of their own on the shared
+/// servers: the database `database_url`, and a read-model database, topic
+/// and consumer group all named `name`.
+pub fn isolated_env(database_url: String, name: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", database_url),
+        ("KAFKA_BROKERS", kafka_brokers()),
+        ("MONGODB_URI", mongodb_uri()),
+        ("MONGODB_DATABASE", name.to_owned()),
+        ("RELAY_TOPIC", name.to_owned()),
+        ("PROJECTOR_TOPIC", name.to_owned()),
+        ("PROJECTOR_GROUP", name.to_owned()),
+    ]
 }
 
 /// Settings of a system under test.
@@ -110,14 +128,8 @@ impl System {
         let db = TestDatabase::create().await?;
         let name = unique_name("e2e");
         let (command_addr, query_addr, projector_addr) = (free_addr()?, free_addr()?, free_addr()?);
-        let env = vec![
-            ("DATABASE_URL", db.url()),
-            ("KAFKA_BROKERS", kafka_brokers()),
-            ("MONGODB_URI", mongodb_uri()),
-            ("MONGODB_DATABASE", name.clone()),
-            ("RELAY_TOPIC", name.clone()),
-            ("PROJECTOR_TOPIC", name.clone()),
-            ("PROJECTOR_GROUP", name.clone()),
+        let mut env = isolated_env(db.url(), &name);
+        env.extend([
             ("RELAY_PARTITIONS", "3".to_owned()),
             ("COMMAND_API_ADDR", command_addr.clone()),
             ("QUERY_API_ADDR", query_addr.clone()),
@@ -127,7 +139,7 @@ impl System {
             ("RELAY_STANDBY_POLL_MS", "300".to_owned()),
             ("REPLAY_GRACE_SECS", "1".to_owned()),
             ("RUST_LOG", "info".to_owned()),
-        ];
+        ]);
         let logs = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../target/e2e-logs")
             .join(&name);

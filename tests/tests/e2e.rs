@@ -134,6 +134,27 @@ fn labels(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// `POST /bookings/{id}/{action}` twice: the second answers the same 200
+/// (confirming or cancelling again changes nothing).
+async fn twice(system: &System, id: &str, action: &str) -> anyhow::Result<Answer> {
+    let path = format!("/bookings/{id}/{action}");
+    let done = post(system, &path, &json!({}), None).await?;
+    ensure!(
+        done.status == StatusCode::OK,
+        "{action}: {} {}",
+        done.status,
+        done.body
+    );
+    let again = post(system, &path, &json!({}), None).await?;
+    ensure!(
+        again.status == StatusCode::OK && again.body["status"] == done.body["status"],
+        "{action} again: {} {}",
+        again.status,
+        again.body
+    );
+    Ok(done)
+}
+
 #[tokio::test]
 async fn a_buyer_books_holds_confirms_and_cancels() -> anyhow::Result<()> {
     let system = System::start(SystemSettings::default()).await?;
@@ -183,54 +204,14 @@ async fn a_buyer_books_holds_confirms_and_cancels() -> anyhow::Result<()> {
     assert_eq!(seats_with(&now, "held"), labels(&["B1"]));
     assert_eq!(now.len(), 30);
 
-    let confirmed = post(
-        &system,
-        &format!("/bookings/{second}/confirm"),
-        &json!({}),
-        None,
-    )
-    .await?;
-    assert_eq!(confirmed.status, StatusCode::OK, "{}", confirmed.body);
+    let confirmed = twice(&system, &second, "confirm").await?;
     assert_eq!(confirmed.body["status"], "confirmed");
-    let again = post(
-        &system,
-        &format!("/bookings/{second}/confirm"),
-        &json!({}),
-        None,
-    )
-    .await?;
-    assert_eq!(
-        again.status,
-        StatusCode::OK,
-        "confirming twice: {}",
-        again.body
-    );
     let now = seats(&system, &show, confirmed.token.as_deref().context("token")?).await?;
     assert_eq!(seats_with(&now, "booked"), labels(&["A1", "A2", "B1"]));
     assert!(seats_with(&now, "held").is_empty());
 
-    let cancelled = post(
-        &system,
-        &format!("/bookings/{first}/cancel"),
-        &json!({}),
-        None,
-    )
-    .await?;
-    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
+    let cancelled = twice(&system, &first, "cancel").await?;
     assert_eq!(cancelled.body["status"], "cancelled");
-    let again = post(
-        &system,
-        &format!("/bookings/{first}/cancel"),
-        &json!({}),
-        None,
-    )
-    .await?;
-    assert_eq!(
-        again.status,
-        StatusCode::OK,
-        "cancelling twice: {}",
-        again.body
-    );
     let token = cancelled.token.context("token")?;
     let now = seats(&system, &show, &token).await?;
     assert_eq!(seats_with(&now, "booked"), labels(&["B1"]));

@@ -4,19 +4,14 @@
 //! its processes running. It runs here on its own ports, database, topic
 //! and directory, so it never meets a `make up` of the same machine.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use serde_json::Value;
-use ticketing_tests::system::release_dir;
-use ticketing_tests::{kafka_brokers, mongodb_uri, unique_name, TestDatabase};
-
-fn free_addr() -> anyhow::Result<String> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
-}
+use ticketing_tests::system::{free_addr, isolated_env, release_dir};
+use ticketing_tests::{mongodb_uri, unique_name, TestDatabase};
 
 struct Script {
     env: Vec<(&'static str, String)>,
@@ -78,20 +73,16 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
         .join("../target/e2e-logs")
         .join(&name);
     let script = Script {
-        env: vec![
+        env: [
             ("SERVICES_BIN", bin.display().to_string()),
             ("SERVICES_DIR", dir.display().to_string()),
-            ("DATABASE_URL", db.url()),
-            ("KAFKA_BROKERS", kafka_brokers()),
-            ("MONGODB_URI", mongodb_uri()),
-            ("MONGODB_DATABASE", name.clone()),
-            ("RELAY_TOPIC", name.clone()),
-            ("PROJECTOR_TOPIC", name.clone()),
-            ("PROJECTOR_GROUP", name.clone()),
             ("COMMAND_API_ADDR", free_addr()?),
             ("QUERY_API_ADDR", free_addr()?),
             ("PROJECTOR_ADDR", free_addr()?),
-        ],
+        ]
+        .into_iter()
+        .chain(isolated_env(db.url(), &name))
+        .collect(),
         dir,
     };
     let result = async {
