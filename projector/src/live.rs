@@ -307,15 +307,9 @@ impl Projection {
                 let consumer = Arc::clone(consumer);
                 let topic = self.settings.topic.clone();
                 tokio::task::spawn_blocking(move || -> anyhow::Result<TopicPartitionList> {
-                    let metadata = consumer.fetch_metadata(Some(&topic), KAFKA_TIMEOUT)?;
                     let mut list = TopicPartitionList::new();
-                    for partition in metadata
-                        .topics()
-                        .iter()
-                        .filter(|t| t.name() == topic && t.error().is_none())
-                        .flat_map(|t| t.partitions())
-                    {
-                        list.add_partition_offset(&topic, partition.id(), Offset::Stored)?;
+                    for partition in partitions_of(consumer.as_ref(), &topic)? {
+                        list.add_partition_offset(&topic, partition, Offset::Stored)?;
                     }
                     Ok(list)
                 })
@@ -344,15 +338,8 @@ impl Projection {
         let consumer = Arc::clone(consumer);
         let topic = self.settings.topic.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
-            let metadata = consumer.fetch_metadata(Some(&topic), KAFKA_TIMEOUT)?;
-            let partitions = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
-                .unwrap_or_default();
             let mut end = BTreeMap::new();
-            for partition in partitions {
+            for partition in partitions_of(consumer.as_ref(), &topic)? {
                 let (_, high) = consumer.fetch_watermarks(&topic, partition, KAFKA_TIMEOUT)?;
                 end.insert(partition, high);
             }
@@ -370,6 +357,26 @@ impl Projection {
         self.status
             .update(|r| r.last_error = Some(error.to_string()));
     }
+}
+
+/// The partitions of `topic`; none while it does not exist. Blocking.
+///
+/// # Errors
+/// When the broker cannot be asked.
+pub fn partitions_of<C, X>(consumer: &C, topic: &str) -> anyhow::Result<Vec<i32>>
+where
+    C: Consumer<X>,
+    X: rdkafka::consumer::ConsumerContext,
+{
+    let metadata = consumer
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .context("reading the event topic's partitions")?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
 }
 
 /// Whether `next` is at or past `end` on every partition.

@@ -20,7 +20,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::live::{group_of, ConsumerSettings, Projection, Until};
+use crate::live::{group_of, partitions_of, ConsumerSettings, Projection, Until};
 use crate::store::ReadStore;
 
 /// Settings of a replay.
@@ -146,15 +146,7 @@ async fn live_offsets(
     let topic = settings.topic.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
         let timeout = Duration::from_secs(10);
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), timeout)
-            .context("reading the event topic's partitions")?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
+        let partitions = partitions_of(&consumer, &topic)?;
         let mut list = TopicPartitionList::new();
         for partition in &partitions {
             list.add_partition(&topic, *partition);
