@@ -22,6 +22,8 @@ WAIT_SECS=${INFRA_WAIT_SECS:-60}
 
 log() { printf 'infra: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=scripts/pids.sh
+source "$ROOT/scripts/pids.sh"
 
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -36,18 +38,6 @@ wait_for_port() { # name port pidfile
     sleep 0.1
   done
   die "$name did not answer on 127.0.0.1:$port within ${WAIT_SECS}s; see its log in $DATA"
-}
-
-# A recorded pid counts only while its command line still names the server:
-# after a reboot the number may belong to a process that is not ours.
-running_pid() { # pidfile -> prints the pid when that server is alive
-  local pid cmdline
-  [[ -f $1 ]] || return 1
-  pid=$(cat "$1")
-  [[ $pid =~ ^[0-9]+$ ]] || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [[ $cmdline == *tansu* || $cmdline == *secantus* ]] || return 1
-  echo "$pid"
 }
 
 apt_install() {
@@ -101,7 +91,7 @@ tansu_up() {
   fi
   local pidfile="$DATA/tansu/tansu.pid"
   mkdir -p "$DATA/tansu"
-  if running_pid "$pidfile" >/dev/null || port_open "$KAFKA_PORT"; then
+  if running_pid "$pidfile" "tansu" >/dev/null || port_open "$KAFKA_PORT"; then
     wait_for_port tansu "$KAFKA_PORT"
     [[ -f $DATA/tansu/tansu.db ]] && tansu_index_headers
     log "kafka (tansu) already up on 127.0.0.1:$KAFKA_PORT"
@@ -150,7 +140,7 @@ secantus_up() {
   fi
   local pidfile="$DATA/secantus/secantus.pid"
   mkdir -p "$DATA/secantus"
-  if running_pid "$pidfile" >/dev/null || port_open "$MONGO_PORT"; then
+  if running_pid "$pidfile" "secantus" >/dev/null || port_open "$MONGO_PORT"; then
     wait_for_port secantusdb "$MONGO_PORT"
     log "mongodb (secantusdb) already up on 127.0.0.1:$MONGO_PORT"
     return
@@ -166,20 +156,6 @@ secantus_up() {
   log "mongodb (secantusdb) started on 127.0.0.1:$MONGO_PORT, log in $DATA/secantus/secantus.log"
 }
 
-stop_pidfile() { # name pidfile
-  local name=$1 pidfile=$2 pid i
-  if pid=$(running_pid "$pidfile"); then
-    kill "$pid"
-    for ((i = 0; i < 100; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-    log "stopped $name (pid $pid)"
-  fi
-  rm -f "$pidfile"
-}
-
 case ${1:-} in
   up)
     mkdir -p "$DATA"
@@ -188,8 +164,8 @@ case ${1:-} in
     tansu_up
     ;;
   down)
-    stop_pidfile tansu "$DATA/tansu/tansu.pid"
-    stop_pidfile secantusdb "$DATA/secantus/secantus.pid"
+    stop_pid tansu "$DATA/tansu/tansu.pid" tansu 10
+    stop_pid secantusdb "$DATA/secantus/secantus.pid" secantus 10
     if [[ -f $DATA/postgres.started-by-project ]]; then
       pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n 1)" main stop
       rm -f "$DATA/postgres.started-by-project"

@@ -32,18 +32,10 @@ PROJECTOR_URL="http://$PROJECTOR_ADDR"
 
 log() { printf 'services: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=scripts/pids.sh
+source "$ROOT/scripts/pids.sh"
 
-# A recorded pid counts only while it is still that binary: after a reboot
-# the number may belong to someone else's process, which must not be stopped.
-running_pid() { # name -> prints the pid when that service is alive
-  local pidfile="$DIR/$1.pid" pid cmdline
-  [[ -f $pidfile ]] || return 1
-  pid=$(cat "$pidfile")
-  [[ $pid =~ ^[0-9]+$ ]] || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [[ $cmdline == *"/$1"* ]] || return 1
-  echo "$pid"
-}
+service_pid() { running_pid "$DIR/$1.pid" "/$1"; } # name -> pid while it runs
 
 port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 
@@ -51,8 +43,8 @@ port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 start() {
   local name=$1 addr=$2
   shift 2
-  if running_pid "$name" >/dev/null; then
-    log "$name already running (pid $(running_pid "$name"))"
+  if service_pid "$name" >/dev/null; then
+    log "$name already running (pid $(service_pid "$name"))"
     return
   fi
   port_open "$addr" && die "$addr is taken by another process; stop it or set the address (README, Configuration)"
@@ -71,7 +63,7 @@ wait_ready() {
       log "$name ready at $url"
       return 0
     fi
-    running_pid "$name" >/dev/null || die "$name exited during start-up; last lines of $DIR/$name.log:
+    service_pid "$name" >/dev/null || die "$name exited during start-up; last lines of $DIR/$name.log:
 $(tail -n 5 "$DIR/$name.log")"
     sleep 0.1
   done
@@ -143,23 +135,7 @@ header (curl -i shows it) waits for it. A1 sells once: book another seat
 EOF
 }
 
-stop() { # name
-  local name=$1 pid i
-  if pid=$(running_pid "$name"); then
-    kill -TERM "$pid"
-    for ((i = 0; i < 150; i++)); do
-      running_pid "$name" >/dev/null || break
-      sleep 0.1
-    done
-    if running_pid "$name" >/dev/null; then
-      kill -KILL "$pid"
-      log "killed $name (pid $pid): it did not stop within 15 s of SIGTERM"
-    else
-      log "stopped $name (pid $pid)"
-    fi
-  fi
-  rm -f "$DIR/$name.pid"
-}
+stop() { stop_pid "$1" "$DIR/$1.pid" "/$1" 15; } # name
 
 case ${1:-} in
   up) up ;;
@@ -171,7 +147,7 @@ case ${1:-} in
     ;;
   status)
     for name in command-api projector query-api; do
-      if pid=$(running_pid "$name"); then log "$name running (pid $pid)"; else log "$name not running"; fi
+      if pid=$(service_pid "$name"); then log "$name running (pid $pid)"; else log "$name not running"; fi
     done
     ;;
   *) die "usage: $0 up|down|status" ;;
