@@ -61,6 +61,19 @@ async fn post(
     answer(request.send().await?).await
 }
 
+/// `POST /bookings` without an Idempotency-Key.
+async fn book(system: &System, body: &Value) -> anyhow::Result<Answer> {
+    post(system, "/bookings", body, None).await
+}
+
+/// The `booking_id` of a 201.
+fn booking_id(answer: &Answer) -> anyhow::Result<String> {
+    answer.body["booking_id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no booking_id in {}", answer.body))
+}
+
 async fn get(system: &System, path: &str, token: Option<&str>) -> anyhow::Result<Answer> {
     let mut request = system.http.get(format!("{}{path}", system.query_url));
     if let Some(token) = token {
@@ -161,20 +174,11 @@ async fn a_buyer_books_holds_confirms_and_cancels() -> anyhow::Result<()> {
     let (show, _) = create_show(&system, &[("A", 10), ("B", 20)]).await?;
     let buyer = user();
 
-    let bought = post(
-        &system,
-        "/bookings",
-        &booking(&show, &buyer, &["A1", "A2"], false),
-        None,
-    )
-    .await?;
+    let bought = book(&system, &booking(&show, &buyer, &["A1", "A2"], false)).await?;
     assert_eq!(bought.status, StatusCode::CREATED, "{}", bought.body);
     assert_eq!(bought.body["status"], "confirmed");
     assert_eq!(bought.body["total_cents"], 10_000);
-    let first = bought.body["booking_id"]
-        .as_str()
-        .context("booking_id")?
-        .to_owned();
+    let first = booking_id(&bought)?;
     let read = get(
         &system,
         &format!("/bookings/{first}"),
@@ -185,20 +189,11 @@ async fn a_buyer_books_holds_confirms_and_cancels() -> anyhow::Result<()> {
     assert_eq!(read.body["status"], "confirmed");
     assert_eq!(read.body["seats"], json!(["A1", "A2"]));
 
-    let held = post(
-        &system,
-        "/bookings",
-        &booking(&show, &buyer, &["B1"], true),
-        None,
-    )
-    .await?;
+    let held = book(&system, &booking(&show, &buyer, &["B1"], true)).await?;
     assert_eq!(held.status, StatusCode::CREATED, "{}", held.body);
     assert_eq!(held.body["status"], "held");
     assert!(held.body["expires_at"].is_string(), "{}", held.body);
-    let second = held.body["booking_id"]
-        .as_str()
-        .context("booking_id")?
-        .to_owned();
+    let second = booking_id(&held)?;
     let now = seats(&system, &show, held.token.as_deref().context("token")?).await?;
     assert_eq!(seats_with(&now, "booked"), labels(&["A1", "A2"]));
     assert_eq!(seats_with(&now, "held"), labels(&["B1"]));
@@ -252,27 +247,12 @@ async fn a_lapsed_hold_frees_its_seat_for_the_next_buyer() -> anyhow::Result<()>
     let system = System::start(SystemSettings { hold_secs: 2 }).await?;
     let (show, _) = create_show(&system, &[("A", 4)]).await?;
 
-    let held = post(
-        &system,
-        "/bookings",
-        &booking(&show, &user(), &["A1"], true),
-        None,
-    )
-    .await?;
+    let held = book(&system, &booking(&show, &user(), &["A1"], true)).await?;
     assert_eq!(held.status, StatusCode::CREATED, "{}", held.body);
-    let id = held.body["booking_id"]
-        .as_str()
-        .context("booking_id")?
-        .to_owned();
+    let id = booking_id(&held)?;
     let token = held.token.context("token")?;
     assert_eq!(seats(&system, &show, &token).await?["A1"], "held");
-    let rival = post(
-        &system,
-        "/bookings",
-        &booking(&show, &user(), &["A1"], false),
-        None,
-    )
-    .await?;
+    let rival = book(&system, &booking(&show, &user(), &["A1"], false)).await?;
     assert_eq!(
         rival.status,
         StatusCode::CONFLICT,
@@ -298,13 +278,7 @@ async fn a_lapsed_hold_frees_its_seat_for_the_next_buyer() -> anyhow::Result<()>
     let cancel = post(&system, &format!("/bookings/{id}/cancel"), &json!({}), None).await?;
     assert_eq!(cancel.status, StatusCode::CONFLICT, "{}", cancel.body);
 
-    let next = post(
-        &system,
-        "/bookings",
-        &booking(&show, &user(), &["A1"], false),
-        None,
-    )
-    .await?;
+    let next = book(&system, &booking(&show, &user(), &["A1"], false)).await?;
     assert_eq!(
         next.status,
         StatusCode::CREATED,
@@ -346,13 +320,7 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
         assert!(lost.content_type.starts_with("application/problem+json"));
         assert_eq!(lost.body["unavailable_seats"], json!(["A1", "A2"]));
     }
-    let overlap = post(
-        &system,
-        "/bookings",
-        &booking(&show, &user(), &["A2", "A3"], false),
-        None,
-    )
-    .await?;
+    let overlap = book(&system, &booking(&show, &user(), &["A2", "A3"], false)).await?;
     assert_eq!(overlap.status, StatusCode::CONFLICT);
     assert_eq!(
         overlap.body["unavailable_seats"],
@@ -412,51 +380,29 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ),
         (
-            post(
+            book(
                 &system,
-                "/bookings",
                 &json!({"show_id": show, "user_id": buyer, "seats": ["A7"], "extra": 1}),
-                None,
             )
             .await?,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
-            post(
-                &system,
-                "/bookings",
-                &booking(&show, &buyer, &["Z9"], false),
-                None,
-            )
-            .await?,
+            book(&system, &booking(&show, &buyer, &["Z9"], false)).await?,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
-            post(
-                &system,
-                "/bookings",
-                &booking(&show, &buyer, &[], false),
-                None,
-            )
-            .await?,
+            book(&system, &booking(&show, &buyer, &[], false)).await?,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
-            post(
-                &system,
-                "/bookings",
-                &booking(&show, &buyer, &["A7", "A7"], false),
-                None,
-            )
-            .await?,
+            book(&system, &booking(&show, &buyer, &["A7", "A7"], false)).await?,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
-            post(
+            book(
                 &system,
-                "/bookings",
                 &booking(&Uuid::new_v4().to_string(), &buyer, &["A7"], false),
-                None,
             )
             .await?,
             StatusCode::NOT_FOUND,
@@ -489,13 +435,7 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
         );
         assert_eq!(answer.body["status"], expected.as_u16(), "case {i}");
     }
-    let unknown = post(
-        &system,
-        "/bookings",
-        &booking(&show, &buyer, &["Z9"], false),
-        None,
-    )
-    .await?;
+    let unknown = book(&system, &booking(&show, &buyer, &["Z9"], false)).await?;
     assert_eq!(unknown.body["unknown_seats"], json!(["Z9"]));
 
     // None of it changed anything: only the winner's seats and A5 are sold.
@@ -593,10 +533,7 @@ async fn buyer(
             post_until_answered(&system, "/bookings", &body, &Uuid::new_v4().to_string()).await?;
         match made.status {
             StatusCode::CREATED => {
-                let id = made.body["booking_id"]
-                    .as_str()
-                    .context("booking_id")?
-                    .to_owned();
+                let id = booking_id(&made)?;
                 {
                     let mut ledger = lock(&ledger)?;
                     ledger.bookings.insert(id.clone(), (wanted, true));
