@@ -101,6 +101,10 @@ demo_show() {
 }
 
 up() {
+  local tool
+  for tool in curl psql; do
+    command -v "$tool" >/dev/null || die "$tool is missing (scripts/infra.sh up installs psql with Postgres; curl: apt-get install curl)"
+  done
   mkdir -p "$DIR"
   "$BIN/command-api" migrate >>"$DIR/command-api.log" 2>&1 ||
     die "migrations failed; see $DIR/command-api.log"
