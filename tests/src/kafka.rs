@@ -12,6 +12,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{PgPool, Row};
 use tokio::time::Instant;
 
+use crate::log_order::Place;
 use crate::{kafka_brokers, unique_name};
 
 /// One message read back.
@@ -228,4 +229,71 @@ pub async fn events_in_log(pool: &PgPool) -> anyhow::Result<usize> {
         .fetch_one(pool)
         .await?;
     Ok(usize::try_from(count)?)
+}
+
+/// Checks that `received` holds every event of `log` (in commit order) and
+/// nothing else, and that each partition holds its share of it in commit
+/// order (the order the relay must publish in, not merely each stream's
+/// own) once repeats are dropped: delivery is at least once, and a batch
+/// sent again after a lost acknowledgement repeats what was sent. Returns
+/// how many messages were repeats.
+///
+/// # Errors
+/// On the first event missing, foreign or out of order.
+pub fn check_commit_order(log: &[Place], received: &[Received]) -> anyhow::Result<usize> {
+    let index: BTreeMap<(&str, &str, u64), usize> = log
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                (
+                    p.aggregate_type.as_str(),
+                    p.aggregate_id.as_str(),
+                    p.sequence,
+                ),
+                i,
+            )
+        })
+        .collect();
+    let mut ordered: Vec<&Received> = received.iter().collect();
+    ordered.sort_by_key(|r| (r.partition, r.offset));
+    let mut last: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut seen = vec![false; log.len()];
+    let mut repeats = 0;
+    for r in ordered {
+        let e = &r.event;
+        let at = *index
+            .get(&(
+                e.aggregate_type.as_str(),
+                e.aggregate_id.as_str(),
+                e.sequence,
+            ))
+            .with_context(|| {
+                format!(
+                    "{} {}#{} is not in the log",
+                    e.aggregate_type, e.aggregate_id, e.sequence
+                )
+            })?;
+        if seen[at] {
+            repeats += 1;
+            continue;
+        }
+        seen[at] = true;
+        if let Some(before) = last.insert(r.partition, at) {
+            ensure!(
+                before < at,
+                "partition {}: the log's event {at} (tx {}) came after its event {before} (tx {})",
+                r.partition,
+                log[at].tx_id,
+                log[before].tx_id
+            );
+        }
+    }
+    let missing = seen.iter().filter(|s| !**s).count();
+    ensure!(
+        missing == 0,
+        "{missing} of the log's {} events were not published",
+        log.len()
+    );
+    Ok(repeats)
 }

@@ -12,7 +12,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use uuid::Uuid;
 
+pub mod cluster;
 pub mod kafka;
+pub mod log_order;
 pub mod system;
 
 /// Postgres server of the tests (`TEST_DATABASE_URL`, then `DATABASE_URL`).
@@ -43,16 +45,25 @@ pub struct TestDatabase {
     /// Pool on the new database.
     pub pool: PgPool,
     name: String,
+    server: String,
     admin: PgConnectOptions,
 }
 
 impl TestDatabase {
-    /// Creates the database and applies `migrations/`.
+    /// Creates the database on the tests' server and applies `migrations/`.
     ///
     /// # Errors
     /// When the server is unreachable or a migration fails.
     pub async fn create() -> anyhow::Result<Self> {
-        let admin: PgConnectOptions = postgres_url().parse().context("bad Postgres URL")?;
+        Self::create_on(&postgres_url()).await
+    }
+
+    /// [`TestDatabase::create`] on the server of `server` (a Postgres URL).
+    ///
+    /// # Errors
+    /// As [`TestDatabase::create`].
+    pub async fn create_on(server: &str) -> anyhow::Result<Self> {
+        let admin: PgConnectOptions = server.parse().context("bad Postgres URL")?;
         let name = unique_name("ticketing_test");
         let mut conn = admin
             .connect()
@@ -71,12 +82,17 @@ impl TestDatabase {
             .run(&pool)
             .await
             .context("migrations failed")?;
-        Ok(Self { pool, name, admin })
+        Ok(Self {
+            pool,
+            name,
+            server: server.to_owned(),
+            admin,
+        })
     }
 
     /// A URL of the database, for a service under test.
     pub fn url(&self) -> String {
-        with_database(&postgres_url(), &self.name)
+        with_database(&self.server, &self.name)
     }
 
     /// Closes the pool and drops the database.
