@@ -105,7 +105,7 @@ fn cursor_at(status: &RelayStatus) -> i64 {
 async fn sample_body(db: &TestDatabase) -> anyhow::Result<(Vec<u8>, String)> {
     commit_shows(&db.pool, 1, 1).await?;
     let mut conn = db.pool.acquire().await?;
-    let batch = event_feed::read_after(&mut conn, &relay::Cursor::start(), 1).await?;
+    let batch = event_feed::read_after(&mut conn, &relay::Cursor::START, 1).await?;
     let event = &batch.first().context("no event")?.event;
     Ok((serde_json::to_vec(event)?, event.key()))
 }

@@ -266,7 +266,7 @@ impl Relay {
         let mut cursor = checkpoint(&mut conn, &self.settings.relay_topic).await?;
         self.status.update(|report| {
             report.role = Role::Active;
-            report.published_through = Some(cursor.clone());
+            report.published_through = Some(cursor);
         });
         let poll = Duration::from_millis(self.settings.relay_poll_ms.max(1));
         let mut lag_measured = Instant::now() - Duration::from_secs(60);
@@ -274,14 +274,14 @@ impl Relay {
             let batch =
                 event_feed::read_after(&mut conn, &cursor, self.settings.relay_batch).await?;
             if let Some(last) = batch.last() {
-                let last = last.cursor.clone();
+                let last = last.cursor;
                 publish(&producer, &self.settings.relay_topic, &batch).await?;
                 save_checkpoint(&mut conn, &self.settings.relay_topic, &last, &self.instance)
                     .await?;
                 cursor = last;
                 let published = u64::try_from(batch.len()).unwrap_or(u64::MAX);
                 self.status.update(|report| {
-                    report.published_through = Some(cursor.clone());
+                    report.published_through = Some(cursor);
                     report.published += published;
                     report.last_error = None;
                 });
@@ -403,19 +403,17 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
 /// # Errors
 /// Store errors.
 pub async fn checkpoint(conn: &mut PgConnection, topic: &str) -> anyhow::Result<Cursor> {
-    let row = sqlx::query(
-        "SELECT tx_id::text AS tx_id, global_position FROM relay_checkpoints WHERE topic = $1",
-    )
-    .bind(topic)
-    .fetch_optional(conn)
-    .await
-    .context("reading the relay checkpoint")?;
+    let row = sqlx::query("SELECT tx_id, global_position FROM relay_checkpoints WHERE topic = $1")
+        .bind(topic)
+        .fetch_optional(conn)
+        .await
+        .context("reading the relay checkpoint")?;
     Ok(match row {
         Some(row) => Cursor {
             tx_id: row.try_get("tx_id")?,
             global_position: row.try_get("global_position")?,
         },
-        None => Cursor::start(),
+        None => Cursor::START,
     })
 }
 
@@ -428,7 +426,7 @@ async fn save_checkpoint(
     // Never moves backwards, whoever writes.
     sqlx::query(
         "INSERT INTO relay_checkpoints (topic, tx_id, global_position, relay)
-         VALUES ($1, $2::text::xid8, $3, $4)
+         VALUES ($1, $2, $3, $4)
          ON CONFLICT (topic) DO UPDATE
             SET tx_id = excluded.tx_id, global_position = excluded.global_position,
                 relay = excluded.relay, updated_at = now()
@@ -436,7 +434,7 @@ async fn save_checkpoint(
               < (excluded.tx_id, excluded.global_position)",
     )
     .bind(topic)
-    .bind(&cursor.tx_id)
+    .bind(cursor.tx_id)
     .bind(cursor.global_position)
     .bind(instance)
     .execute(conn)
@@ -451,9 +449,9 @@ async fn lag(conn: &mut PgConnection, cursor: &Cursor) -> anyhow::Result<(i64, f
         "SELECT count(*) AS events,
                 COALESCE(EXTRACT(EPOCH FROM now() - min(recorded_at))::float8, 0) AS seconds
            FROM events
-          WHERE (tx_id, global_position) > ($1::text::xid8, $2)",
+          WHERE (tx_id, global_position) > ($1, $2)",
     )
-    .bind(&cursor.tx_id)
+    .bind(cursor.tx_id)
     .bind(cursor.global_position)
     .fetch_one(conn)
     .await

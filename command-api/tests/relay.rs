@@ -16,7 +16,11 @@ use common::{relay_settings, TestApp};
 use domain::box_office::{BookingRequest, Purchase};
 use domain::{BookingId, SeatLabel, ShowId, UserId};
 use serde_json::{json, Value};
-use ticketing_tests::kafka::{check_against_log, distinct_events, events_in_log, read_topic};
+use ticketing_tests::cluster::PrivateCluster;
+use ticketing_tests::kafka::{
+    check_against_log, check_commit_order, distinct_events, events_in_log, read_topic,
+};
+use ticketing_tests::log_order::{bookings_across, Place};
 use ticketing_tests::{kafka_brokers, unique_name};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
@@ -453,4 +457,63 @@ async fn read_topic_at(
         distinct_events(r) >= expected
     })
     .await
+}
+
+/// 10^10: ids of ten digits below, eleven from here on (in the third epoch).
+const BOUNDARY: u64 = 10_000_000_000;
+
+/// A command-api over a private cluster whose transaction ids cross
+/// [`BOUNDARY`] while it takes bookings and cancellations.
+async fn log_across_the_boundary() -> anyhow::Result<(PrivateCluster, TestApp, Vec<Place>)> {
+    let cluster = PrivateCluster::start_near(BOUNDARY - 30_000).await?;
+    let app = TestApp::spawn_on(&cluster.url(), |_| {}).await?;
+    let log = bookings_across(&app.base, &app.db.pool, BOUNDARY).await?;
+    Ok((cluster, app, log))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_crossing_a_change_of_digit_count_is_published_whole_and_in_commit_order_at_any_batch_size(
+) -> anyhow::Result<()> {
+    let (_cluster, app, log) = log_across_the_boundary().await?;
+    let stop = CancellationToken::new();
+    let mut relays = Vec::new();
+    for batch in [1, 2, 7, 1000] {
+        let topic = unique_name(&format!("relay_digits_{batch}"));
+        let mut settings = relay_settings(&topic, &kafka_brokers());
+        settings.relay_batch = batch;
+        let relay = Relay::new(app.db.pool.clone(), settings)?;
+        relays.push((batch, topic, tokio::spawn(relay.run(stop.clone()))));
+    }
+    for (batch, topic, _) in &relays {
+        let received = read_topic(topic, Duration::from_secs(60), |r| {
+            distinct_events(r) >= log.len()
+        })
+        .await?;
+        check_commit_order(&log, &received)
+            .with_context(|| format!("the relay with batches of {batch}"))?;
+        // The checkpoint follows the acknowledgements.
+        let end = log.last().map(|p| (p.tx_id.to_string(), p.global_position));
+        let mut checkpoint = None;
+        for _ in 0..100 {
+            checkpoint = sqlx::query_as::<_, (String, i64)>(
+                "SELECT tx_id::text, global_position FROM relay_checkpoints WHERE topic = $1",
+            )
+            .bind(topic)
+            .fetch_optional(&app.db.pool)
+            .await?;
+            if checkpoint == end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            checkpoint == end,
+            "batches of {batch}: checkpoint at {checkpoint:?}, the log ends at {end:?}"
+        );
+    }
+    stop.cancel();
+    for (_, _, relay) in relays {
+        relay.await?;
+    }
+    app.stop().await
 }

@@ -93,6 +93,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 from = report.from,
                 to = report.to,
                 events = report.events,
+                through = %report.through,
                 log_secs = report.log_secs,
                 total_secs = report.total_secs,
                 "replay done"

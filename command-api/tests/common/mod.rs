@@ -74,7 +74,15 @@ impl TestApp {
     }
 
     pub async fn spawn_with_settings(change: impl FnOnce(&mut Settings)) -> anyhow::Result<Self> {
-        let db = TestDatabase::create().await?;
+        Self::spawn_on(&ticketing_tests::postgres_url(), change).await
+    }
+
+    /// Over a database of its own on the Postgres server of `server`.
+    pub async fn spawn_on(
+        server: &str,
+        change: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<Self> {
+        let db = TestDatabase::create_on(server).await?;
         let mut settings = settings(db.url(), 600);
         change(&mut settings);
         let app = App::build(settings).await?;

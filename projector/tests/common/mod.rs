@@ -33,6 +33,15 @@ impl Service {
     }
 }
 
+/// Who publishes the write side's log to its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relaying {
+    /// The relay inside command-api.
+    InProcess,
+    /// The test itself (command-api runs without its relay).
+    ByTheTest,
+}
+
 /// The write side: command-api with its relay, over its own database and
 /// topic.
 pub struct Writes {
@@ -73,10 +82,26 @@ pub fn command_settings(
 
 impl Writes {
     pub async fn spawn(hold_secs: u64) -> anyhow::Result<Self> {
-        let db = TestDatabase::create().await?;
+        Self::spawn_on(
+            &ticketing_tests::postgres_url(),
+            hold_secs,
+            Relaying::InProcess,
+        )
+        .await
+    }
+
+    /// Over a database of its own on the Postgres server of `server`.
+    pub async fn spawn_on(
+        server: &str,
+        hold_secs: u64,
+        relaying: Relaying,
+    ) -> anyhow::Result<Self> {
+        let relay = relaying == Relaying::InProcess;
+        let db = TestDatabase::create_on(server).await?;
         let topic = ticketing_tests::unique_name("read_side");
-        let app =
-            command_api::startup::App::build(command_settings(db.url(), &topic, hold_secs)).await?;
+        let mut settings = command_settings(db.url(), &topic, hold_secs);
+        settings.relay_enabled = relay;
+        let app = command_api::startup::App::build(settings).await?;
         let base = format!("http://{}", app.addr()?);
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until(stop.clone()));
@@ -88,7 +113,9 @@ impl Writes {
         };
         // The relay creates the topic; consumers subscribing before that
         // would wait for a metadata refresh.
-        writes.wait_for_topic().await?;
+        if relay {
+            writes.wait_for_topic().await?;
+        }
         Ok(writes)
     }
 
