@@ -11,6 +11,7 @@ pub mod event_log;
 pub mod idempotency;
 pub mod relay;
 pub mod reply;
+pub mod republish;
 pub mod routes;
 pub mod sales;
 pub mod settings;

@@ -1,10 +1,13 @@
 //! `command-api`: serves the write API with the relay to Kafka (the
-//! default), applies the migrations and exits (`command-api migrate`), or
-//! runs only the relay (`command-api relay`).
+//! default), applies the migrations and exits (`command-api migrate`),
+//! runs only the relay (`command-api relay`), or has the relay publish
+//! again what it has passed (`command-api republish`).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use command_api::republish::{self, Progress};
 use command_api::settings::Settings;
 use command_api::startup::{self, App};
 
@@ -25,6 +28,21 @@ enum Command {
     Migrate,
     /// Only relay the event log to Kafka (any number may run: one publishes).
     Relay,
+    /// Have the relay publish again, in commit order, every event it has
+    /// already passed: moves its checkpoint back, then waits until the relay
+    /// is back where it was. Consumers deduplicate, so this only fills in
+    /// what a topic lacks; see the README for when.
+    Republish {
+        /// Start at the event with this global position (and go on in
+        /// commit order) instead of at the start of the log.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        from_position: Option<i64>,
+        /// How long to wait for the relay, in seconds (0: do not wait). A
+        /// wait that runs out leaves the rewind in place; the relay finishes
+        /// it.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -52,6 +70,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay => {
             let stop = service_kit::stop_on_signal();
             startup::run_relay(cli.settings, stop).await
+        }
+        Command::Republish {
+            from_position,
+            wait_secs,
+        } => {
+            let pool = startup::connect(&cli.settings).await?;
+            startup::migrate(&pool).await?;
+            let topic = &cli.settings.relay.relay_topic;
+            let Some(rewind) = republish::rewind(&pool, topic, from_position).await? else {
+                println!("{}", serde_json::json!({"topic": topic, "events": 0}));
+                tracing::info!(%topic, "the relay has not passed that part of the log: nothing to publish again");
+                return Ok(());
+            };
+            let progress =
+                republish::wait_for(&pool, &rewind, Duration::from_secs(wait_secs)).await?;
+            println!(
+                "{}",
+                serde_json::json!({"topic": rewind.topic, "from": rewind.from,
+                                   "through": rewind.through, "events": rewind.events,
+                                   "progress": progress})
+            );
+            match progress {
+                Progress::Republished => Ok(()),
+                Progress::Pending if wait_secs == 0 => Ok(()),
+                Progress::Pending => anyhow::bail!(
+                    "the relay has not published everything again within {wait_secs} s; the \
+                     checkpoint stays moved back and the relay carries on (is one running?)"
+                ),
+                Progress::Superseded => {
+                    anyhow::bail!("another republish moved the checkpoint back meanwhile")
+                }
+            }
         }
         Command::Serve => {
             let app = App::build(cli.settings).await?;

@@ -8,6 +8,11 @@
 //! every message up to it, so a crash republishes, never loses; consumers
 //! deduplicate by `(aggregate_id, sequence)`.
 //!
+//! `command-api republish` moves a topic's checkpoint back and counts the
+//! rewind; the active relay saves its cursor only while that count is the
+//! one it loaded, so it notices and publishes again from there (see
+//! `republish`).
+//!
 //! One relay per topic is active across all processes: it holds a Postgres
 //! session advisory lock on a connection of its own and reads and checkpoints
 //! through that same connection, so if the connection dies the lock is gone
@@ -263,33 +268,41 @@ impl Relay {
             .listen(WAKE_CHANNEL)
             .await
             .context("listening for commits")?;
-        let mut cursor = checkpoint(&mut conn, &self.settings.relay_topic).await?;
+        let topic = &self.settings.relay_topic;
+        let mut stored = checkpoint(&mut conn, topic).await?;
         self.status.update(|report| {
             report.role = Role::Active;
-            report.published_through = Some(cursor);
+            report.published_through = Some(stored.cursor);
         });
         let poll = Duration::from_millis(self.settings.relay_poll_ms.max(1));
         let mut lag_measured = Instant::now() - Duration::from_secs(60);
         while !stop.is_cancelled() {
             let batch =
-                event_feed::read_after(&mut conn, &cursor, self.settings.relay_batch).await?;
+                event_feed::read_after(&mut conn, &stored.cursor, self.settings.relay_batch)
+                    .await?;
             if let Some(last) = batch.last() {
                 let last = last.cursor;
-                publish(&producer, &self.settings.relay_topic, &batch).await?;
-                save_checkpoint(&mut conn, &self.settings.relay_topic, &last, &self.instance)
-                    .await?;
-                cursor = last;
+                publish(&producer, topic, &batch).await?;
+                let saved =
+                    save_checkpoint(&mut conn, topic, &last, stored.rewinds, &self.instance)
+                        .await?;
+                if saved || !self.follow_rewind(&mut conn, &mut stored).await? {
+                    stored.cursor = last;
+                }
                 let published = u64::try_from(batch.len()).unwrap_or(u64::MAX);
                 self.status.update(|report| {
-                    report.published_through = Some(cursor);
+                    report.published_through = Some(stored.cursor);
                     report.published += published;
                     report.last_error = None;
                 });
             }
-            // Counting the backlog is not free: at most once a second.
+            // Counting the backlog is not free: at most once a second. An
+            // idle relay learns of a rewind here too.
             if lag_measured.elapsed() >= Duration::from_secs(1) {
-                let (events, seconds) = lag(&mut conn, &cursor).await?;
+                self.follow_rewind(&mut conn, &mut stored).await?;
+                let (events, seconds) = lag(&mut conn, &stored.cursor).await?;
                 self.status.update(|report| {
+                    report.published_through = Some(stored.cursor);
                     report.lag_events = Some(events);
                     report.lag_seconds = Some(seconds);
                 });
@@ -305,10 +318,31 @@ impl Relay {
         Ok(())
     }
 
+    /// Starts over from the stored checkpoint if `republish` moved it back
+    /// since `stored` was loaded; whether it did.
+    async fn follow_rewind(
+        &self,
+        conn: &mut PgConnection,
+        stored: &mut Checkpoint,
+    ) -> anyhow::Result<bool> {
+        let now = checkpoint(conn, &self.settings.relay_topic).await?;
+        if now.rewinds != stored.rewinds {
+            tracing::info!(
+                topic = %self.settings.relay_topic,
+                from = %now.cursor,
+                was_at = %stored.cursor,
+                "relay: the checkpoint was moved back (republish); publishing again from there"
+            );
+            *stored = now;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     async fn lag_from_checkpoint(&self) -> anyhow::Result<(i64, f64)> {
         let mut conn = self.pool.acquire().await?;
-        let cursor = checkpoint(&mut conn, &self.settings.relay_topic).await?;
-        lag(&mut conn, &cursor).await
+        let stored = checkpoint(&mut conn, &self.settings.relay_topic).await?;
+        lag(&mut conn, &stored.cursor).await
     }
 }
 
@@ -398,49 +432,72 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     }
 }
 
-/// The stored cursor of `topic`, or the start of the log.
+/// Where the relay of a topic stands, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    /// Every event up to here was acknowledged by Kafka (or, after a
+    /// rewind, is to be published again from here).
+    pub cursor: Cursor,
+    /// How many times `republish` moved the checkpoint back.
+    pub rewinds: i64,
+}
+
+/// The stored checkpoint of `topic`, or the start of the log.
 ///
 /// # Errors
 /// Store errors.
-pub async fn checkpoint(conn: &mut PgConnection, topic: &str) -> anyhow::Result<Cursor> {
-    let row = sqlx::query("SELECT tx_id, global_position FROM relay_checkpoints WHERE topic = $1")
-        .bind(topic)
-        .fetch_optional(conn)
-        .await
-        .context("reading the relay checkpoint")?;
+pub async fn checkpoint(conn: &mut PgConnection, topic: &str) -> anyhow::Result<Checkpoint> {
+    let row = sqlx::query(
+        "SELECT tx_id, global_position, rewinds FROM relay_checkpoints WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_optional(conn)
+    .await
+    .context("reading the relay checkpoint")?;
     Ok(match row {
-        Some(row) => Cursor {
-            tx_id: row.try_get("tx_id")?,
-            global_position: row.try_get("global_position")?,
+        Some(row) => Checkpoint {
+            cursor: Cursor {
+                tx_id: row.try_get("tx_id")?,
+                global_position: row.try_get("global_position")?,
+            },
+            rewinds: row.try_get("rewinds")?,
         },
-        None => Cursor::START,
+        None => Checkpoint {
+            cursor: Cursor::START,
+            rewinds: 0,
+        },
     })
 }
 
+/// Moves the checkpoint forward to `cursor`, unless it was rewound since
+/// the relay loaded it (`rewinds` is no longer the count it loaded) or is
+/// already past `cursor`. Whether it moved.
 async fn save_checkpoint(
     conn: &mut PgConnection,
     topic: &str,
     cursor: &Cursor,
+    rewinds: i64,
     instance: &str,
-) -> anyhow::Result<()> {
-    // Never moves backwards, whoever writes.
-    sqlx::query(
+) -> anyhow::Result<bool> {
+    let saved = sqlx::query(
         "INSERT INTO relay_checkpoints (topic, tx_id, global_position, relay)
          VALUES ($1, $2, $3, $4)
          ON CONFLICT (topic) DO UPDATE
             SET tx_id = excluded.tx_id, global_position = excluded.global_position,
                 relay = excluded.relay, updated_at = now()
           WHERE (relay_checkpoints.tx_id, relay_checkpoints.global_position)
-              < (excluded.tx_id, excluded.global_position)",
+              < (excluded.tx_id, excluded.global_position)
+            AND relay_checkpoints.rewinds = $5",
     )
     .bind(topic)
     .bind(cursor.tx_id)
     .bind(cursor.global_position)
     .bind(instance)
+    .bind(rewinds)
     .execute(conn)
     .await
     .context("saving the relay checkpoint")?;
-    Ok(())
+    Ok(saved.rows_affected() == 1)
 }
 
 /// Events after `cursor` and the age of the oldest of them, in seconds.

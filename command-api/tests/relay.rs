@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use command_api::relay::Relay;
+use command_api::republish::Progress;
 use command_api::sales::Sales;
 use common::{relay_settings, TestApp};
 use domain::box_office::{BookingRequest, Purchase};
@@ -471,6 +473,16 @@ async fn log_across_the_boundary() -> anyhow::Result<(PrivateCluster, TestApp, V
     Ok((cluster, app, log))
 }
 
+/// Per partition, the offset of its last message in `received`.
+fn ends(received: &[ticketing_tests::kafka::Received]) -> BTreeMap<i32, i64> {
+    let mut ends = BTreeMap::new();
+    for r in received {
+        let end = ends.entry(r.partition).or_insert(r.offset);
+        *end = (*end).max(r.offset);
+    }
+    ends
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_crossing_a_change_of_digit_count_is_published_whole_and_in_commit_order_at_any_batch_size(
 ) -> anyhow::Result<()> {
@@ -515,5 +527,158 @@ async fn a_log_crossing_a_change_of_digit_count_is_published_whole_and_in_commit
     for (_, _, relay) in relays {
         relay.await?;
     }
+    app.stop().await
+}
+
+/// Runs `command-api republish` with `args` on the database and topic.
+async fn republish(
+    database_url: &str,
+    topic: &str,
+    args: &[&str],
+) -> anyhow::Result<(bool, Value, String)> {
+    let output = Command::new(env!("CARGO_BIN_EXE_command-api"))
+        .arg("republish")
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("KAFKA_BROKERS", kafka_brokers())
+        .env("RELAY_TOPIC", topic)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await?;
+    let printed = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    let errors = String::from_utf8_lossy(&output.stderr).into_owned();
+    Ok((output.status.success(), printed, errors))
+}
+
+/// The messages of `received` past the offsets of `before`, per partition.
+fn after(
+    received: &[ticketing_tests::kafka::Received],
+    before: &[ticketing_tests::kafka::Received],
+) -> Vec<ticketing_tests::kafka::Received> {
+    let ends = ends(before);
+    received
+        .iter()
+        .filter(|r| ends.get(&r.partition).is_none_or(|end| r.offset > *end))
+        .cloned()
+        .collect()
+}
+
+/// What a topic lacked gets there again: `command-api republish` has the
+/// running relay publish again, in commit order, everything from the start
+/// or from a given event; with no relay running, the rewind waits in the
+/// checkpoint for the next relay to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_has_the_relay_send_again_what_it_passed_in_commit_order() -> anyhow::Result<()> {
+    let (_cluster, app, log) = log_across_the_boundary().await?;
+    let topic = unique_name("relay_republish");
+    let start_relay = || -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<()>)> {
+        let stop = CancellationToken::new();
+        let relay = Relay::new(
+            app.db.pool.clone(),
+            relay_settings(&topic, &kafka_brokers()),
+        )?;
+        Ok((stop.clone(), tokio::spawn(relay.run(stop))))
+    };
+    let (stop, relay) = start_relay()?;
+    let published = read_topic(&topic, Duration::from_secs(60), |r| {
+        distinct_events(r) >= log.len()
+    })
+    .await?;
+    check_commit_order(&log, &published)?;
+
+    // From the event a third of the way through the log in commit order,
+    // the relay idle meanwhile.
+    let start = log.len() / 3;
+    let position = log[start].global_position.to_string();
+    let (ok, printed, errors) =
+        republish(&app.db.url(), &topic, &["--from-position", &position]).await?;
+    ensure!(ok, "republish failed: {errors}");
+    ensure!(
+        printed["events"] == log.len() - start && printed["progress"] == "republished",
+        "{printed} for {} events from the {start}th",
+        log.len()
+    );
+    let wanted = log.len() + (log.len() - start);
+    let received = read_topic(&topic, Duration::from_secs(60), |r| r.len() >= wanted).await?;
+    check_commit_order(&log[start..], &after(&received, &published))
+        .context("published again from a position")?;
+
+    // With no relay running, the rewind stays in the checkpoint...
+    stop.cancel();
+    relay.await?;
+    let (ok, printed, errors) = republish(&app.db.url(), &topic, &["--wait-secs", "1"]).await?;
+    ensure!(
+        !ok && printed["progress"] == "pending" && printed["events"] == log.len(),
+        "{printed} {errors}"
+    );
+    ensure!(errors.contains("is one running?"), "{errors}");
+    // ...and the next relay to start publishes the whole log again.
+    let (stop, relay) = start_relay()?;
+    let more = read_topic(&topic, Duration::from_secs(60), |r| {
+        r.len() >= wanted + log.len()
+    })
+    .await?;
+    check_commit_order(&log, &after(&more, &received)).context("published again from the start")?;
+    let stored: (String, i64, i64) = sqlx::query_as(
+        "SELECT tx_id::text, global_position, rewinds FROM relay_checkpoints WHERE topic = $1",
+    )
+    .bind(&topic)
+    .fetch_one(&app.db.pool)
+    .await?;
+    let end = log.last().context("an empty log")?;
+    ensure!(
+        stored == (end.tx_id.to_string(), end.global_position, 2),
+        "checkpoint {stored:?}"
+    );
+
+    // No such event, or no position at all: a clear refusal, nothing moved.
+    let (ok, _, errors) = republish(&app.db.url(), &topic, &["--from-position", "999999"]).await?;
+    ensure!(
+        !ok && errors.contains("no event at global position 999999"),
+        "{errors}"
+    );
+    let (ok, _, errors) = republish(&app.db.url(), &topic, &["--from-position", "0"]).await?;
+    ensure!(!ok && errors.contains("--from-position"), "{errors}");
+    let (ok, printed, _) = republish(&app.db.url(), "never_published", &[]).await?;
+    ensure!(ok && printed["events"] == 0, "{printed}");
+    stop.cancel();
+    relay.await?;
+    app.stop().await
+}
+
+/// A rewind while buyers book and the relay publishes: the relay sends
+/// everything it had passed again and goes on with the new events; nothing
+/// is lost and every stream still arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republish_while_buyers_book_sends_everything_again_and_loses_nothing() -> anyhow::Result<()>
+{
+    let topic = unique_name("relay_rewind_busy");
+    let app = TestApp::spawn_relaying(&topic, &kafka_brokers()).await?;
+    let show_id = three_row_show(&app).await?;
+    let running = Arc::new(AtomicBool::new(true));
+    let mut load = buyers(&app, &show_id, &running);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rewind = command_api::republish::rewind(&app.db.pool, &topic, None)
+        .await?
+        .context("the relay had published nothing")?;
+    let progress =
+        command_api::republish::wait_for(&app.db.pool, &rewind, Duration::from_secs(60)).await?;
+    ensure!(progress == Progress::Republished, "{progress:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.store(false, Ordering::Relaxed);
+    let bookings = placed(&mut load).await;
+    ensure!(bookings > 5, "the load barely ran: {bookings} bookings");
+
+    let expected = events_in_log(&app.db.pool).await?;
+    let again = usize::try_from(rewind.events)?;
+    let received = read_topic(&topic, Duration::from_secs(60), |r| {
+        distinct_events(r) >= expected && r.len() >= expected + again
+    })
+    .await?;
+    let repeats = check_against_log(&app.db.pool, &received).await?;
+    ensure!(
+        repeats >= again,
+        "{repeats} repeats, but {again} events were to be published again"
+    );
     app.stop().await
 }
