@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use command_api::republish::{self, Progress};
+use command_api::republish::{self, Progress, Rewound};
 use command_api::settings::Settings;
 use command_api::startup::{self, App};
 
@@ -40,7 +40,8 @@ enum Command {
         /// How long to wait for the relay, in seconds (0: do not wait). A
         /// wait that runs out leaves the rewind in place; the relay finishes
         /// it.
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 600,
+              value_parser = clap::value_parser!(u64).range(0..=86_400))]
         wait_secs: u64,
     },
 }
@@ -78,13 +79,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = startup::connect(&cli.settings).await?;
             startup::migrate(&pool).await?;
             let topic = &cli.settings.relay.relay_topic;
-            let Some(rewind) = republish::rewind(&pool, topic, from_position).await? else {
-                println!("{}", serde_json::json!({"topic": topic, "events": 0}));
-                tracing::info!(%topic, "the relay has not passed that part of the log: nothing to publish again");
-                return Ok(());
+            let rewind = match republish::rewind(&pool, topic, from_position).await? {
+                Rewound::Rewound(rewind) => rewind,
+                other => {
+                    let progress = if other == Rewound::NoCheckpoint {
+                        tracing::warn!(%topic, "no relay has published to this topic yet (is RELAY_TOPIC right?); it will publish everything when one does");
+                        "no_checkpoint"
+                    } else {
+                        tracing::info!(%topic, "the relay has not passed that event yet: nothing to publish again");
+                        "not_passed"
+                    };
+                    println!(
+                        "{}",
+                        serde_json::json!({"topic": topic, "events": 0, "progress": progress})
+                    );
+                    return Ok(());
+                }
             };
             let progress =
-                republish::wait_for(&pool, &rewind, Duration::from_secs(wait_secs)).await?;
+                republish::wait_for(&pool, &rewind, Duration::from_secs(wait_secs)).await;
             println!(
                 "{}",
                 serde_json::json!({"topic": rewind.topic, "from": rewind.from,
@@ -99,7 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                      checkpoint stays moved back and the relay carries on (is one running?)"
                 ),
                 Progress::Superseded => {
-                    anyhow::bail!("another republish moved the checkpoint back meanwhile")
+                    anyhow::bail!("another republish moved the checkpoint back meanwhile; it carries on from there")
                 }
             }
         }

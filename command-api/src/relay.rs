@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub use event_feed::{Committed, Cursor};
 
 /// The channel the `events_wake_relay` trigger notifies at every commit.
-const WAKE_CHANNEL: &str = "events_committed";
+pub const WAKE_CHANNEL: &str = "events_committed";
 
 /// `ce_source` of every published event.
 pub const CE_SOURCE: &str = "/ticketing/command-api";
@@ -178,7 +178,12 @@ impl Relay {
         Ok(Self {
             pool,
             status,
-            instance: format!("relay-{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+            instance: format!(
+                "{}{}-{}",
+                crate::republish::RELAY_NAME_PREFIX,
+                std::process::id(),
+                uuid::Uuid::new_v4()
+            ),
             lock_key,
             settings,
         })
@@ -296,10 +301,13 @@ impl Relay {
                     report.last_error = None;
                 });
             }
-            // Counting the backlog is not free: at most once a second. An
-            // idle relay learns of a rewind here too.
-            if lag_measured.elapsed() >= Duration::from_secs(1) {
+            if batch.is_empty() {
+                // Busy, a save that fails tells of a rewind; idle, this does
+                // (republish also wakes the relay).
                 self.follow_rewind(&mut conn, &mut stored).await?;
+            }
+            // Counting the backlog is not free: at most once a second.
+            if lag_measured.elapsed() >= Duration::from_secs(1) {
                 let (events, seconds) = lag(&mut conn, &stored.cursor).await?;
                 self.status.update(|report| {
                     report.published_through = Some(stored.cursor);

@@ -42,19 +42,50 @@ pub struct Rewind {
     pub rewinds: i64,
 }
 
+/// What [`rewind`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewound {
+    /// The checkpoint was moved back.
+    Rewound(Rewind),
+    /// No relay has published to the topic yet (or the name is wrong): it
+    /// will publish everything when one does.
+    NoCheckpoint,
+    /// The relay has not passed that event yet: it will publish it anyway.
+    NotPassed,
+}
+
+/// The prefix of the Postgres `application_name` of relays that follow a
+/// rewind; relays of an earlier build would save their cursor over it.
+pub const RELAY_NAME_PREFIX: &str = "relay-rewindable-";
+
 /// Moves the relay's checkpoint of `topic` back to just before the event
 /// at `from_position` (the start of the log when `None`), in commit order.
-/// `None` when the relay has not passed that event yet: there is nothing to
-/// publish again.
 ///
 /// # Errors
-/// No event at `from_position`; store errors.
+/// No event at `from_position`; a relay of an earlier build connected to
+/// the database (it would undo the rewind); store errors.
 pub async fn rewind(
     pool: &PgPool,
     topic: &str,
     from_position: Option<i64>,
-) -> anyhow::Result<Option<Rewind>> {
+) -> anyhow::Result<Rewound> {
     let mut tx = pool.begin().await.context("connecting to postgres")?;
+    // Relays before rewinds named their sessions `relay-{pid}-{uuid}`.
+    let old_relays: Vec<String> = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity
+          WHERE datname = current_database()
+            AND application_name LIKE 'relay-%' AND application_name NOT LIKE $1 || '%'",
+    )
+    .bind(RELAY_NAME_PREFIX)
+    .fetch_all(&mut *tx)
+    .await
+    .context("looking for relays of an earlier build")?;
+    anyhow::ensure!(
+        old_relays.is_empty(),
+        "relays of an earlier build are connected ({}): they would save their cursor over the \
+         rewind; upgrade every command-api first",
+        old_relays.join(", ")
+    );
     let from = match from_position {
         None => Cursor::START,
         Some(position) => {
@@ -83,14 +114,14 @@ pub async fn rewind(
     .await
     .context("reading the relay checkpoint")?;
     let Some(stored) = stored else {
-        return Ok(None);
+        return Ok(Rewound::NoCheckpoint);
     };
     let through = Cursor {
         tx_id: stored.try_get("tx_id")?,
         global_position: stored.try_get("global_position")?,
     };
     if through <= from {
-        return Ok(None);
+        return Ok(Rewound::NotPassed);
     }
     let rewinds: i64 = sqlx::query_scalar(
         "UPDATE relay_checkpoints
@@ -105,12 +136,20 @@ pub async fn rewind(
     .fetch_one(&mut *tx)
     .await
     .context("moving the relay checkpoint back")?;
-    let events = event_feed::count_between(&mut tx, &from, &through).await?;
+    // Wakes an idle relay now rather than at its next poll.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(relay::WAKE_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
     tx.commit()
         .await
         .context("moving the relay checkpoint back")?;
+    // Counted after the commit: the relay's saves wait while the row is
+    // locked, and a long log takes a while to count.
+    let mut conn = pool.acquire().await.context("connecting to postgres")?;
+    let events = event_feed::count_between(&mut conn, &from, &through).await?;
     tracing::info!(%topic, %from, %through, events, "relay checkpoint moved back");
-    Ok(Some(Rewind {
+    Ok(Rewound::Rewound(Rewind {
         topic: topic.to_owned(),
         from,
         through,
@@ -132,31 +171,35 @@ pub enum Progress {
 }
 
 /// Waits, up to `wait`, until the relay has published again everything
-/// `rewind` moved it back over.
-///
-/// # Errors
-/// Store errors.
-pub async fn wait_for(pool: &PgPool, rewind: &Rewind, wait: Duration) -> anyhow::Result<Progress> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut logged = tokio::time::Instant::now();
+/// `rewind` moved it back over. Store errors while waiting are logged and
+/// waited out: the rewind is committed whatever happens here.
+pub async fn wait_for(pool: &PgPool, rewind: &Rewind, wait: Duration) -> Progress {
+    let started = tokio::time::Instant::now();
+    let mut logged = started;
     loop {
-        let mut conn = pool.acquire().await.context("connecting to postgres")?;
-        let Checkpoint { cursor, rewinds } = relay::checkpoint(&mut conn, &rewind.topic).await?;
-        drop(conn);
-        if rewinds != rewind.rewinds {
-            return Ok(Progress::Superseded);
+        match stored(pool, &rewind.topic).await {
+            Ok(Checkpoint { rewinds, .. }) if rewinds != rewind.rewinds => {
+                return Progress::Superseded
+            }
+            Ok(Checkpoint { cursor, .. }) if cursor >= rewind.through => {
+                return Progress::Republished
+            }
+            Ok(Checkpoint { cursor, .. }) if logged.elapsed() >= Duration::from_secs(5) => {
+                tracing::info!(topic = %rewind.topic, at = %cursor, through = %rewind.through, "publishing again");
+                logged = tokio::time::Instant::now();
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!("reading the relay checkpoint: {error:#}"),
         }
-        if cursor >= rewind.through {
-            return Ok(Progress::Republished);
+        let left = wait.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Progress::Pending;
         }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return Ok(Progress::Pending);
-        }
-        if now.duration_since(logged) >= Duration::from_secs(5) {
-            tracing::info!(topic = %rewind.topic, at = %cursor, through = %rewind.through, "publishing again");
-            logged = now;
-        }
-        tokio::time::sleep(Duration::from_millis(100).min(deadline - now)).await;
+        tokio::time::sleep(Duration::from_millis(100).min(left)).await;
     }
+}
+
+async fn stored(pool: &PgPool, topic: &str) -> anyhow::Result<Checkpoint> {
+    let mut conn = pool.acquire().await.context("connecting to postgres")?;
+    relay::checkpoint(&mut conn, topic).await
 }

@@ -6,18 +6,20 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use command_api::relay::Relay;
-use command_api::republish::Progress;
+use command_api::republish::{Progress, Rewound};
 use command_api::sales::Sales;
 use common::{relay_settings, TestApp};
 use domain::box_office::{BookingRequest, Purchase};
 use domain::{BookingId, SeatLabel, ShowId, UserId};
 use serde_json::{json, Value};
+use sqlx::Connection;
 use ticketing_tests::cluster::PrivateCluster;
 use ticketing_tests::kafka::{
     check_against_log, check_commit_order, distinct_events, events_in_log, read_topic,
@@ -640,7 +642,29 @@ async fn republish_has_the_relay_send_again_what_it_passed_in_commit_order() -> 
     let (ok, _, errors) = republish(&app.db.url(), &topic, &["--from-position", "0"]).await?;
     ensure!(!ok && errors.contains("--from-position"), "{errors}");
     let (ok, printed, _) = republish(&app.db.url(), "never_published", &[]).await?;
-    ensure!(ok && printed["events"] == 0, "{printed}");
+    ensure!(
+        ok && printed["events"] == 0 && printed["progress"] == "no_checkpoint",
+        "{printed}"
+    );
+    // A relay of an earlier build would save over the rewind: refused.
+    let old_relay = sqlx::postgres::PgConnectOptions::from_str(&app.db.url())?
+        .application_name("relay-4242-0a0b0c0d");
+    let old_relay = sqlx::PgConnection::connect_with(&old_relay).await?;
+    let (ok, _, errors) = republish(&app.db.url(), &topic, &[]).await?;
+    ensure!(
+        !ok && errors.contains("relays of an earlier build are connected (relay-4242-0a0b0c0d)"),
+        "{errors}"
+    );
+    old_relay.close().await?;
+    // Not waiting: the rewind is in place, and the relay gets there.
+    let (ok, printed, errors) = republish(&app.db.url(), &topic, &["--wait-secs", "0"]).await?;
+    ensure!(ok && printed["progress"] == "pending", "{printed} {errors}");
+    read_topic(&topic, Duration::from_secs(60), |r| {
+        r.len() >= wanted + 2 * log.len()
+    })
+    .await?;
+    let (ok, _, errors) = republish(&app.db.url(), &topic, &["--wait-secs", "100000"]).await?;
+    ensure!(!ok && errors.contains("--wait-secs"), "{errors}");
     stop.cancel();
     relay.await?;
     app.stop().await
@@ -658,11 +682,13 @@ async fn republish_while_buyers_book_sends_everything_again_and_loses_nothing() 
     let running = Arc::new(AtomicBool::new(true));
     let mut load = buyers(&app, &show_id, &running);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rewind = command_api::republish::rewind(&app.db.pool, &topic, None)
-        .await?
-        .context("the relay had published nothing")?;
+    let Rewound::Rewound(rewind) =
+        command_api::republish::rewind(&app.db.pool, &topic, None).await?
+    else {
+        anyhow::bail!("the relay had published nothing");
+    };
     let progress =
-        command_api::republish::wait_for(&app.db.pool, &rewind, Duration::from_secs(60)).await?;
+        command_api::republish::wait_for(&app.db.pool, &rewind, Duration::from_secs(60)).await;
     ensure!(progress == Progress::Republished, "{progress:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     running.store(false, Ordering::Relaxed);

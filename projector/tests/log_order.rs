@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use command_api::relay::{self, Committed, Relay};
-use command_api::republish::Progress;
+use command_api::republish::{Progress, Rewound};
 use common::{command_settings, converge, expected, send, ReadSide, Relaying, Writes};
 use event_feed::{Cursor, TxId};
 use projector::replay::{self, ReplaySettings};
@@ -178,11 +178,13 @@ async fn republish_gives_a_projector_what_the_text_ordered_relay_skipped() -> an
     .await?;
 
     // ...and republish, the relay running, has it send everything again.
-    let rewind = command_api::republish::rewind(&writes.db.pool, &writes.topic, None)
-        .await?
-        .context("nothing to publish again")?;
+    let Rewound::Rewound(rewind) =
+        command_api::republish::rewind(&writes.db.pool, &writes.topic, None).await?
+    else {
+        anyhow::bail!("nothing to publish again");
+    };
     let progress =
-        command_api::republish::wait_for(&writes.db.pool, &rewind, Duration::from_secs(60)).await?;
+        command_api::republish::wait_for(&writes.db.pool, &rewind, Duration::from_secs(60)).await;
     ensure!(
         progress == Progress::Republished,
         "{progress:?} after {rewind:?}"
