@@ -248,6 +248,7 @@ fn test_settings(database_url: String) -> Settings {
         sweep_every_secs: 5,
         idempotency_keep_hours: 24,
         command_attempts: 8,
+        command_lock_wait_ms: 250,
         // Bookings alone: the relay has a benchmark of its own.
         relay_enabled: false,
         relay: command_api::relay::RelaySettings {
@@ -255,7 +256,7 @@ fn test_settings(database_url: String) -> Settings {
             relay_topic: "ticketing.bench.unused".to_owned(),
             relay_partitions: 1,
             relay_batch: 1000,
-            relay_poll_ms: 500,
+            relay_poll_ms: 20,
             relay_standby_poll_ms: 1000,
             relay_ack_timeout_ms: 15_000,
         },

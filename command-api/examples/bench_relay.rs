@@ -88,7 +88,7 @@ fn settings(topic: &str, batch: i64) -> RelaySettings {
         relay_topic: topic.to_owned(),
         relay_partitions: 6,
         relay_batch: batch,
-        relay_poll_ms: 500,
+        relay_poll_ms: 20,
         relay_standby_poll_ms: 1000,
         relay_ack_timeout_ms: 30_000,
     }

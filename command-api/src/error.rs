@@ -164,7 +164,9 @@ impl IntoResponse for ApiError {
 impl From<LogError> for ApiError {
     fn from(error: LogError) -> Self {
         match &error {
-            LogError::Conflict | LogError::Unreachable(_) => Self::StoreUnavailable(Some(error)),
+            LogError::Conflict | LogError::LockTimeout | LogError::Unreachable(_) => {
+                Self::StoreUnavailable(Some(error))
+            }
             LogError::Database(db) if is_unavailable(db) || error.is_retryable() => {
                 Self::StoreUnavailable(Some(error))
             }

@@ -24,9 +24,22 @@ pub struct Loaded<A> {
 /// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    /// Another writer appended to one of the streams first.
+    /// Another writer appended to one of the streams first, or a stream the
+    /// command must also write was locked by another.
     #[error("a stream changed since it was loaded")]
     Conflict,
+    /// The wait for a stream's lock ran out: another command holds it.
+    #[error("a stream stayed locked by another command")]
+    LockTimeout,
+    /// A stream id in the log that does not parse: the log and the code
+    /// disagree.
+    #[error("stored {aggregate_type} stream id {aggregate_id} does not parse")]
+    BadStreamId {
+        /// Its aggregate type.
+        aggregate_type: String,
+        /// The id.
+        aggregate_id: String,
+    },
     /// No connection could be had. Nothing ran, so whatever broke (a refused
     /// connect, a reset, a handshake cut short, which sqlx reports as a
     /// protocol error) the store is simply not there right now.
@@ -54,7 +67,9 @@ impl LogError {
     /// Whether retrying the whole command from a fresh load may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Conflict => true,
+            // A fresh attempt reads a fresh snapshot, which most often
+            // refuses at once what the lock holder took.
+            Self::Conflict | Self::LockTimeout => true,
             // 40P01 deadlock, 40001 serialization failure.
             Self::Database(sqlx::Error::Database(e)) => {
                 matches!(e.code().as_deref(), Some("40P01" | "40001"))
@@ -71,26 +86,130 @@ fn conflict_or(error: sqlx::Error) -> LogError {
     }
 }
 
-/// Locks streams until the transaction ends, in a fixed (sorted) order.
+/// How long a command may wait for the locks of its streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockWait {
+    /// Not at all: every lock at once, or none.
+    Never,
+    /// At most this long for each lock, then [`LogError::LockTimeout`].
+    Upto(std::time::Duration),
+}
+
+/// Streams of one show, as loaded by [`lock_and_load`].
+#[derive(Debug, Default)]
+pub struct ShowStreams {
+    /// Whether their locks are held (until the transaction ends). Without
+    /// them, what was loaded is a committed snapshot, fit to refuse from
+    /// but not to decide on.
+    pub locked: bool,
+    /// Seat streams by label (absent: no events yet).
+    pub seats: BTreeMap<SeatLabel, Loaded<Seat>>,
+    /// Booking streams by id (absent: no events yet).
+    pub bookings: BTreeMap<BookingId, Loaded<Booking>>,
+}
+
+/// Locks the seat streams of `labels` (of `show_id`) and the booking
+/// streams of `bookings` until the transaction ends, then loads them, in
+/// one round trip. Locks are taken in a fixed (sorted) order, so commands
+/// queue instead of deadlocking; with [`LockWait::Never`] none is waited
+/// for, and the streams are loaded unlocked if any was taken.
 ///
 /// # Errors
-/// [`LogError::Database`].
-pub async fn lock_streams(
+/// [`LogError::LockTimeout`], [`LogError::Database`], [`LogError::Corrupt`].
+pub async fn lock_and_load(
     conn: &mut PgConnection,
-    streams: impl IntoIterator<Item = (&str, String)>,
-) -> Result<(), LogError> {
-    let keys: Vec<i64> = streams
-        .into_iter()
-        .map(|(aggregate_type, id)| stream_key(aggregate_type, &id))
+    show_id: ShowId,
+    labels: &[SeatLabel],
+    bookings: &[BookingId],
+    wait: LockWait,
+) -> Result<ShowStreams, LogError> {
+    let seat_ids: Vec<String> = labels
+        .iter()
+        .map(|label| domain::SeatId::new(show_id, label.clone()).to_string())
         .collect();
-    if keys.is_empty() {
-        return Ok(());
+    let booking_ids: Vec<String> = bookings.iter().map(ToString::to_string).collect();
+    let keys: Vec<i64> = seat_ids
+        .iter()
+        .map(|id| stream_key(Seat::TYPE, id))
+        .chain(booking_ids.iter().map(|id| stream_key(Booking::TYPE, id)))
+        .collect();
+    let types: Vec<&str> = seat_ids
+        .iter()
+        .map(|_| Seat::TYPE)
+        .chain(booking_ids.iter().map(|_| Booking::TYPE))
+        .collect();
+    let ids: Vec<&String> = seat_ids.iter().chain(&booking_ids).collect();
+    let wait_ms = match wait {
+        LockWait::Never => 0,
+        LockWait::Upto(wait) => i32::try_from(wait.as_millis()).unwrap_or(i32::MAX).max(1),
+    };
+    let row = sqlx::query(
+        "SELECT locked, aggregate_types, aggregate_ids, sequences, payloads
+           FROM lock_and_load($1, $2, $3, $4)",
+    )
+    .bind(&keys)
+    .bind(wait_ms)
+    .bind(&types)
+    .bind(&ids)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(lock_timeout_or)?;
+    let mut streams = ShowStreams {
+        locked: row.try_get("locked")?,
+        ..ShowStreams::default()
+    };
+    let types: Vec<String> = row.try_get("aggregate_types")?;
+    let ids: Vec<String> = row.try_get("aggregate_ids")?;
+    let sequences: Vec<i64> = row.try_get("sequences")?;
+    let payloads: Vec<String> = row.try_get("payloads")?;
+    for (((aggregate_type, aggregate_id), sequence), payload) in
+        types.into_iter().zip(ids).zip(sequences).zip(payloads)
+    {
+        if aggregate_type == Seat::TYPE {
+            let id: domain::SeatId = parse_id(&aggregate_type, &aggregate_id)?;
+            let event = decode(&aggregate_type, &aggregate_id, sequence, &payload)?;
+            fold(streams.seats.entry(id.label).or_default(), event, sequence);
+        } else {
+            let id: BookingId = parse_id(&aggregate_type, &aggregate_id)?;
+            let event = decode(&aggregate_type, &aggregate_id, sequence, &payload)?;
+            fold(streams.bookings.entry(id).or_default(), event, sequence);
+        }
     }
-    sqlx::query("SELECT lock_streams($1)")
-        .bind(&keys)
-        .execute(conn)
-        .await?;
-    Ok(())
+    Ok(streams)
+}
+
+fn lock_timeout_or(error: sqlx::Error) -> LogError {
+    match &error {
+        // 55P03 lock_not_available: a lock wait ran out.
+        sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03") => LogError::LockTimeout,
+        _ => LogError::Database(error),
+    }
+}
+
+fn parse_id<K: FromStr>(aggregate_type: &str, aggregate_id: &str) -> Result<K, LogError> {
+    aggregate_id.parse().map_err(|_| LogError::BadStreamId {
+        aggregate_type: aggregate_type.to_owned(),
+        aggregate_id: aggregate_id.to_owned(),
+    })
+}
+
+fn decode<E: DeserializeOwned>(
+    aggregate_type: &str,
+    aggregate_id: &str,
+    sequence: i64,
+    payload: &str,
+) -> Result<E, LogError> {
+    serde_json::from_str(payload).map_err(|source| LogError::Corrupt {
+        aggregate_type: aggregate_type.to_owned(),
+        aggregate_id: aggregate_id.to_owned(),
+        sequence,
+        source,
+    })
+}
+
+fn fold<A: Aggregate>(stream: &mut Loaded<A>, event: A::Event, sequence: i64) {
+    stream.state.apply(event);
+    stream.version = sequence;
 }
 
 /// A stable 64-bit key for a stream (FNV-1a): the same in every process.
@@ -286,13 +405,21 @@ pub async fn append(
         return Ok(0);
     }
     let column = |f: fn(&NewEvent) -> String| rows.iter().map(f).collect::<Vec<String>>();
+    let holds = Holds::of(&append.changes.bookings);
+    // One statement: the events and the pending holds they start and end,
+    // which the sweeper reads.
     let position: Option<i64> = sqlx::query_scalar(
         "WITH appended AS (
            INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
            SELECT t, id, seq, et, ev, p::json, '{}'::json
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
                   AS u(t, id, seq, et, ev, p)
-           RETURNING global_position)
+           RETURNING global_position),
+         held AS (
+           INSERT INTO pending_holds (booking_id, show_id, expires_at)
+           SELECT * FROM UNNEST($7::uuid[], $8::uuid[], $9::timestamptz[])),
+         settled AS (
+           DELETE FROM pending_holds WHERE booking_id = ANY($10::uuid[]))
          SELECT max(global_position) FROM appended",
     )
     .bind(column(|r| r.aggregate_type.to_owned()))
@@ -301,48 +428,49 @@ pub async fn append(
     .bind(column(|r| r.event_type.clone()))
     .bind(column(|r| r.event_version.clone()))
     .bind(column(|r| r.payload.clone()))
+    .bind(&holds.held)
+    .bind(&holds.shows)
+    .bind(&holds.until)
+    .bind(&holds.settled)
     .fetch_one(&mut *conn)
     .await
     .map_err(conflict_or)?;
-    track_pending_holds(conn, &append.changes.bookings).await?;
     Ok(position.unwrap_or(0))
 }
 
-async fn track_pending_holds(
-    conn: &mut PgConnection,
-    bookings: &BTreeMap<BookingId, Vec<BookingEvent>>,
-) -> Result<(), LogError> {
-    for events in bookings.values() {
-        for event in events {
+/// The pending holds a command's booking events start and end.
+#[derive(Debug, Default)]
+struct Holds {
+    held: Vec<uuid::Uuid>,
+    shows: Vec<uuid::Uuid>,
+    until: Vec<domain::Timestamp>,
+    settled: Vec<uuid::Uuid>,
+}
+
+impl Holds {
+    fn of(bookings: &BTreeMap<BookingId, Vec<BookingEvent>>) -> Self {
+        let mut holds = Self::default();
+        for event in bookings.values().flatten() {
             match event {
                 BookingEvent::BookingHeld {
                     details,
                     expires_at,
                     ..
                 } => {
-                    sqlx::query(
-                        "INSERT INTO pending_holds (booking_id, show_id, expires_at) VALUES ($1, $2, $3)",
-                    )
-                    .bind(details.booking_id.as_uuid())
-                    .bind(details.show_id.as_uuid())
-                    .bind(expires_at)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(conflict_or)?;
+                    holds.held.push(details.booking_id.as_uuid());
+                    holds.shows.push(details.show_id.as_uuid());
+                    holds.until.push(*expires_at);
                 }
                 BookingEvent::BookingConfirmed { booking_id, .. }
                 | BookingEvent::BookingCancelled { booking_id, .. }
                 | BookingEvent::BookingExpired { booking_id, .. } => {
-                    sqlx::query("DELETE FROM pending_holds WHERE booking_id = $1")
-                        .bind(booking_id.as_uuid())
-                        .execute(&mut *conn)
-                        .await?;
+                    holds.settled.push(booking_id.as_uuid());
                 }
                 BookingEvent::BookingPlaced { .. } => {}
             }
         }
+        holds
     }
-    Ok(())
 }
 
 #[cfg(test)]

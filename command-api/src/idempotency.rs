@@ -1,12 +1,14 @@
 //! `Idempotency-Key`, the way pretix does it: the first answer to a key is
 //! kept and replayed to retries with the same request.
 //!
-//! The key's row is inserted inside the command's own transaction and its
-//! answer stored there too, so a key and the events it describes commit
-//! together or not at all: a crash or a 5xx leaves no key behind, and the
-//! retry runs the command afresh. A retry arriving while the first request
-//! is in flight blocks on the uncommitted row (Postgres makes a conflicting
-//! insert wait for the inserter), then replays the answer once it commits.
+//! A request with a key first takes the key's advisory lock in its
+//! transaction, which writes nothing (no transaction id is handed out before
+//! the command's stream locks are held), and looks for a stored answer. A
+//! retry arriving while the first request is in flight waits on that lock,
+//! then finds the answer the first one committed. The key's row is written
+//! with the answer, in the same transaction as the events it describes, so
+//! a key and its events commit together or not at all: a crash or a 5xx
+//! leaves no key behind, and the retry runs the command afresh.
 
 use axum::http::HeaderMap;
 use sqlx::{PgConnection, Row};
@@ -20,8 +22,8 @@ pub const HEADER: &str = "idempotency-key";
 /// Longest accepted key, in bytes.
 pub const MAX_KEY_LEN: usize = 255;
 
-/// How long a retry waits for an in-flight first request before 409.
-const IN_FLIGHT_WAIT: &str = "5s";
+/// How long a retry waits for an in-flight first request before 409, in ms.
+const IN_FLIGHT_WAIT_MS: i32 = 5_000;
 
 /// A request that carries a key.
 #[derive(Debug, Clone)]
@@ -81,41 +83,25 @@ pub enum Claim {
 /// request, [`ApiError::InProgress`] when the first request is still running
 /// after a wait, store errors otherwise.
 pub async fn claim(conn: &mut PgConnection, keyed: &Keyed) -> Result<Claim, ApiError> {
-    sqlx::query(&format!("SET LOCAL lock_timeout = '{IN_FLIGHT_WAIT}'"))
-        .execute(&mut *conn)
-        .await?;
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (route, key, request, status, headers, body)
-         VALUES ($1, $2, $3, 0, '{}', '') ON CONFLICT DO NOTHING RETURNING 1",
+    let lock_key = crate::event_log::stream_key(keyed.route, &keyed.key);
+    let stored = sqlx::query(
+        "SELECT request, status, headers, body FROM claim_idempotency_key($1, $2, $3, $4)",
     )
+    .bind(lock_key)
+    .bind(IN_FLIGHT_WAIT_MS)
     .bind(keyed.route)
     .bind(&keyed.key)
-    .bind(&keyed.request)
     .fetch_optional(&mut *conn)
     .await;
-    let inserted = match inserted {
-        Ok(row) => row.is_some(),
+    let row = match stored {
+        Ok(Some(row)) => row,
+        Ok(None) => return Ok(Claim::Fresh),
         // 55P03: lock_timeout while waiting for the in-flight first request.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
             return Err(ApiError::InProgress)
         }
         Err(e) => return Err(e.into()),
     };
-    sqlx::query("SET LOCAL lock_timeout = 0")
-        .execute(&mut *conn)
-        .await?;
-    if inserted {
-        return Ok(Claim::Fresh);
-    }
-    let row = sqlx::query(
-        "SELECT request, status, headers, body FROM idempotency_keys WHERE route = $1 AND key = $2",
-    )
-    .bind(keyed.route)
-    .bind(&keyed.key)
-    .fetch_optional(&mut *conn)
-    .await?
-    // Expired and swept between the insert and this read: treat as a race.
-    .ok_or(ApiError::InProgress)?;
     let request: Vec<u8> = row.try_get("request")?;
     if request != keyed.request {
         return Err(ApiError::IdempotencyMismatch);
@@ -130,7 +116,8 @@ pub async fn claim(conn: &mut PgConnection, keyed: &Keyed) -> Result<Claim, ApiE
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored answer for a key is unreadable")))
 }
 
-/// Stores the answer to a fresh key, in the same transaction as its events.
+/// Stores the answer to a fresh key, in the same transaction as its events
+/// (under the key's lock, taken by [`claim`]).
 ///
 /// # Errors
 /// Store errors.
@@ -140,10 +127,12 @@ pub async fn remember(
     reply: &Reply,
 ) -> Result<(), ApiError> {
     sqlx::query(
-        "UPDATE idempotency_keys SET status = $3, headers = $4, body = $5 WHERE route = $1 AND key = $2",
+        "INSERT INTO idempotency_keys (route, key, request, status, headers, body)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(keyed.route)
     .bind(&keyed.key)
+    .bind(&keyed.request)
     .bind(i16::try_from(reply.status.as_u16()).unwrap_or(i16::MAX))
     .bind(reply.stored_headers())
     .bind(&reply.body)

@@ -30,14 +30,12 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::Serialize;
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::PgPool;
 use sqlx::{Connection, PgConnection, Row};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use event_feed::{Committed, Cursor};
-
-/// The channel the `events_wake_relay` trigger notifies at every commit.
-pub const WAKE_CHANNEL: &str = "events_committed";
 
 /// `ce_source` of every published event.
 pub const CE_SOURCE: &str = "/ticketing/command-api";
@@ -59,9 +57,12 @@ pub struct RelaySettings {
     #[arg(long, env = "RELAY_BATCH", default_value_t = 1000,
           value_parser = clap::value_parser!(i64).range(1..))]
     pub relay_batch: i64,
-    /// Longest wait for new events when no notification arrives, in ms (it
-    /// also bounds the delay after a long-open transaction finally ends).
-    #[arg(long, env = "RELAY_POLL_MS", default_value_t = 500)]
+    /// Longest wait for new events when this process commits none, in ms:
+    /// how soon the commits of other processes are published (and the delay
+    /// after a long-open transaction finally ends). Each poll is one indexed
+    /// query.
+    #[arg(long, env = "RELAY_POLL_MS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_poll_ms: u64,
     /// How often a standby relay tries to take over, in ms.
     #[arg(long, env = "RELAY_STANDBY_POLL_MS", default_value_t = 1000)]
@@ -148,6 +149,8 @@ pub struct Relay {
     /// `application_name`.
     instance: String,
     lock_key: i64,
+    /// Signalled by this process' commits; other processes' are polled for.
+    commits: Arc<Notify>,
 }
 
 /// Builds the idempotent, `acks=all` producer the relay publishes with.
@@ -186,7 +189,16 @@ impl Relay {
             ),
             lock_key,
             settings,
+            commits: Arc::default(),
         })
+    }
+
+    /// Wakes on `commits` (the [`crate::sales::Sales`] of this process)
+    /// instead of waiting for the next poll.
+    #[must_use]
+    pub fn woken_by(mut self, commits: Arc<Notify>) -> Self {
+        self.commits = commits;
+        self
     }
 
     /// The shared state, for `/readyz`.
@@ -266,13 +278,6 @@ impl Relay {
             &self.settings.kafka_brokers,
             Duration::from_millis(self.settings.relay_ack_timeout_ms),
         )?;
-        let mut listener = PgListener::connect_with(&self.pool)
-            .await
-            .context("listening for commits")?;
-        listener
-            .listen(WAKE_CHANNEL)
-            .await
-            .context("listening for commits")?;
         let topic = &self.settings.relay_topic;
         let mut stored = checkpoint(&mut conn, topic).await?;
         self.status.update(|report| {
@@ -301,13 +306,11 @@ impl Relay {
                     report.last_error = None;
                 });
             }
-            if batch.is_empty() {
-                // Busy, a save that fails tells of a rewind; idle, this does
-                // (republish also wakes the relay).
-                self.follow_rewind(&mut conn, &mut stored).await?;
-            }
-            // Counting the backlog is not free: at most once a second.
+            // Counting the backlog is not free: at most once a second. A
+            // busy relay learns of a rewind when a save fails, an idle one
+            // here.
             if lag_measured.elapsed() >= Duration::from_secs(1) {
+                self.follow_rewind(&mut conn, &mut stored).await?;
                 let (events, seconds) = lag(&mut conn, &stored.cursor).await?;
                 self.status.update(|report| {
                     report.published_through = Some(stored.cursor);
@@ -319,7 +322,8 @@ impl Relay {
             if i64::try_from(batch.len()).unwrap_or(i64::MAX) < self.settings.relay_batch {
                 tokio::select! {
                     () = stop.cancelled() => {}
-                    _ = tokio::time::timeout(poll, listener.recv()) => {}
+                    () = self.commits.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
                 }
             }
         }

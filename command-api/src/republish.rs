@@ -136,11 +136,6 @@ pub async fn rewind(
     .fetch_one(&mut *tx)
     .await
     .context("moving the relay checkpoint back")?;
-    // Wakes an idle relay now rather than at its next poll.
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(relay::WAKE_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
     tx.commit()
         .await
         .context("moving the relay checkpoint back")?;

@@ -4,7 +4,6 @@
 use axum::extract::{FromRequest, Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::Extension;
-use domain::box_office::{BookingRequest, Purchase};
 use domain::{
     Booking, BookingId, BookingState, Cents, ConsistencyToken, Row, RowName, SeatLabel, SeatMap,
     Section, SectionName, ShowDetails, ShowId, ShowName, Timestamp, UserId, VenueName,
@@ -20,7 +19,7 @@ use crate::event_log::LogError;
 use crate::idempotency::Keyed;
 use crate::relay::RelayStatus;
 use crate::reply::Reply;
-use crate::sales::{Sales, Settle};
+use crate::sales::{Order, Sales, Settle};
 
 /// `Json` whose rejection is our problem document.
 #[derive(Debug, FromRequest)]
@@ -231,11 +230,11 @@ pub async fn place_booking(
         chrono::Duration::from_std(sales.hold_for).map_err(|e| ApiError::Internal(e.into()))?;
     let booking_id = BookingId::from_uuid(uuid::Uuid::new_v4());
     let hold = body.hold;
+    let lock_wait = sales.lock_wait;
     sales
         .transact(keyed.as_ref(), |conn| {
             let (show, labels, malformed) = (Arc::clone(&show), labels.clone(), malformed.clone());
             Box::pin(async move {
-                let now = Sales::now();
                 if !malformed.is_empty() {
                     // Malformed labels are unknown seats too, reported with the show's.
                     let mut unknown = malformed;
@@ -255,24 +254,18 @@ pub async fn place_booking(
                         ),
                     ));
                 }
-                let request = BookingRequest {
+                let order = Order {
                     booking_id,
                     show_id,
                     user_id,
                     seats: labels,
-                    purchase: if hold {
-                        Purchase::Hold {
-                            expires_at: now + hold_for,
-                        }
-                    } else {
-                        Purchase::Book
-                    },
+                    hold_for: hold.then_some(hold_for),
                 };
-                let (booking, token) = Sales::place(conn, &show, request, now).await?;
-                let view = BookingView::of(&booking, now)?;
+                let decided = Sales::place(conn, &show, order, lock_wait).await?;
+                let view = BookingView::of(&decided.booking, decided.now)?;
                 let mut reply = Reply::json(StatusCode::CREATED, &view);
                 reply.header(header::LOCATION, location("bookings", &view.booking_id));
-                with_token(&mut reply, &token);
+                with_token(&mut reply, &decided.token);
                 Ok(reply)
             })
         })
@@ -302,13 +295,14 @@ pub async fn cancel_booking(
 async fn settle(sales: &Sales, id: &str, action: Settle) -> Result<Reply, ApiError> {
     // A malformed id names no booking.
     let booking_id: BookingId = id.parse().map_err(|_| ApiError::NotFound("booking"))?;
+    let lock_wait = sales.lock_wait;
     sales
         .transact(None, |conn| {
             Box::pin(async move {
-                let now = Sales::now();
-                let (booking, token) = Sales::settle(conn, booking_id, action, now).await?;
-                let mut reply = Reply::json(StatusCode::OK, &BookingView::of(&booking, now)?);
-                with_token(&mut reply, &token);
+                let decided = Sales::settle(conn, booking_id, action, lock_wait).await?;
+                let view = BookingView::of(&decided.booking, decided.now)?;
+                let mut reply = Reply::json(StatusCode::OK, &view);
+                with_token(&mut reply, &decided.token);
                 Ok(reply)
             })
         })

@@ -3,7 +3,7 @@
 //! loads them in one query per aggregate type, asks the pure domain for the
 //! events, and appends them all with their expected versions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -11,15 +11,16 @@ use std::time::Duration;
 
 use chrono::Utc;
 use cqrs_es::Aggregate;
-use domain::box_office::{self, BookingRequest, Streams};
+use domain::box_office::{self, BookingRequest, Purchase, Streams};
 use domain::{
     Booking, BookingId, BookingStatus, ConsistencyToken, Seat, SeatLabel, Show, ShowDetails,
-    ShowId, Timestamp,
+    ShowId, Timestamp, UserId,
 };
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 
 use crate::error::ApiError;
-use crate::event_log::{self, Append, Loaded, LogError, Versions};
+use crate::event_log::{self, Append, Loaded, LockWait, LogError, Versions};
 use crate::idempotency::{self, Claim, Keyed};
 use crate::reply::Reply;
 
@@ -31,18 +32,31 @@ pub struct Sales {
     /// How long a hold lasts.
     pub hold_for: Duration,
     max_attempts: u32,
+    /// The longest wait for one stream's lock.
+    pub lock_wait: Duration,
+    /// Signalled after every commit, for the relay in this process.
+    commits: Arc<Notify>,
 }
 
 impl Sales {
     /// Sales on `pool`, holding seats for `hold_for`, running a command at
-    /// most `max_attempts` times when it meets concurrent writers.
-    pub fn new(pool: PgPool, hold_for: Duration, max_attempts: u32) -> Self {
+    /// most `max_attempts` times when it meets concurrent writers, each time
+    /// waiting at most `lock_wait` for a stream's lock.
+    pub fn new(pool: PgPool, hold_for: Duration, max_attempts: u32, lock_wait: Duration) -> Self {
         Self {
             pool,
             shows: Arc::default(),
             hold_for,
             max_attempts: max_attempts.max(1),
+            lock_wait,
+            commits: Arc::default(),
         }
+    }
+
+    /// Signalled after every commit (a permit is kept when nobody waits),
+    /// so the relay of this process wakes without a poll.
+    pub fn commits(&self) -> Arc<Notify> {
+        Arc::clone(&self.commits)
     }
 
     /// The pool.
@@ -105,7 +119,10 @@ impl Sales {
                 idempotency::remember(&mut tx, keyed, &reply).await?;
             }
             match tx.commit().await {
-                Ok(()) => return Ok(reply),
+                Ok(()) => {
+                    self.commits.notify_one();
+                    return Ok(reply);
+                }
                 Err(e) => {
                     let e = ApiError::from(e);
                     if !(e.is_retryable() && attempt < self.max_attempts) {
@@ -138,53 +155,112 @@ impl Sales {
 
     /// Places a booking: all its seats or none.
     ///
+    /// Refuses from a committed snapshot, without taking any lock, when a
+    /// seat is already someone else's: the refusal is true as of that
+    /// snapshot. Otherwise it locks every stream it will write (the seats,
+    /// the new booking, and any booking whose lapsed hold it replaces with
+    /// all of that booking's seats), reloads them, and decides at a "now"
+    /// taken once the locks are held.
+    ///
     /// # Errors
-    /// The box office's refusals and store errors.
+    /// The box office's refusals and store errors;
+    /// [`LogError::LockTimeout`] after `lock_wait` for a lock.
     pub async fn place(
         conn: &mut PgConnection,
         show: &Show,
-        request: BookingRequest,
-        now: Timestamp,
-    ) -> Result<(Booking, ConsistencyToken), ApiError> {
-        let booking_id = request.booking_id;
-        let show_id = request.show_id;
+        order: Order,
+        lock_wait: Duration,
+    ) -> Result<Decided, ApiError> {
+        let show_id = order.show_id;
+        let booking_id = order.booking_id;
+        let before = Self::now();
         // Checked before any lock, so bad requests never queue behind buyers.
-        let probe = box_office::place(
+        box_office::place(
             show,
-            request.clone(),
+            order.request(before),
             &Booking::default(),
             Streams {
                 seats: &BTreeMap::new(),
                 bookings: &BTreeMap::new(),
             },
-            now,
-        );
-        if let Err(e) = probe {
-            return Err(e.into());
-        }
-        lock_seats(conn, request.show_id, &request.seats).await?;
-        let mut seats = event_log::load_seats(conn, request.show_id, &request.seats).await?;
-        let seat_states = states(&seats);
-        let lapsed: Vec<BookingId> = box_office::lapsed_holders(&seat_states, &request.seats, now)
-            .into_iter()
-            .collect();
-        let mut bookings = BTreeMap::new();
-        if !lapsed.is_empty() {
-            // Not locked: these streams are guarded by their expected versions.
-            bookings = event_log::load_bookings(conn, &lapsed).await?;
-            let others: Vec<SeatLabel> = bookings
-                .values()
-                .filter_map(|b| b.state.details())
-                .flat_map(|d| d.seats.iter().map(|s| s.label.clone()))
-                .filter(|label| !seats.contains_key(label))
+            before,
+        )?;
+        let first =
+            event_log::lock_and_load(conn, show_id, &order.seats, &[booking_id], LockWait::Never)
+                .await?;
+        let (mut streams, held) = if first.locked {
+            let held = Held {
+                seats: order.seats.iter().cloned().collect(),
+                bookings: BTreeSet::from([booking_id]),
+            };
+            (first, held)
+        } else {
+            let taken: Vec<SeatLabel> = order
+                .seats
+                .iter()
+                .filter(|label| {
+                    first
+                        .seats
+                        .get(*label)
+                        .and_then(|seat| seat.state.owner_at(before))
+                        .is_some_and(|owner| owner != booking_id)
+                })
+                .cloned()
                 .collect();
-            seats.extend(event_log::load_seats(conn, request.show_id, &others).await?);
+            if !taken.is_empty() {
+                return Err(ApiError::Unavailable { seats: taken });
+            }
+            // Contended but free as of the snapshot: wait for every lock,
+            // the lapsed holders' too, in one ordered acquisition.
+            let holders: Vec<BookingId> =
+                box_office::lapsed_holders(&states(&first.seats), &order.seats, before)
+                    .into_iter()
+                    .collect();
+            let mut seats = order.seats.clone();
+            seats.extend(holder_seats(conn, &holders, &seats).await?);
+            let bookings: Vec<BookingId> = std::iter::once(booking_id).chain(holders).collect();
+            let streams = event_log::lock_and_load(
+                conn,
+                show_id,
+                &seats,
+                &bookings,
+                LockWait::Upto(lock_wait),
+            )
+            .await?;
+            let held = Held {
+                seats: seats.into_iter().collect(),
+                bookings: bookings.into_iter().collect(),
+            };
+            (streams, held)
+        };
+        let now = Self::now();
+        // Holds that lapsed since the snapshot: their bookings and seats are
+        // written too, so they are locked too, without waiting (a lock held
+        // out of order could deadlock); if one is busy, start over.
+        let holders: Vec<BookingId> =
+            box_office::lapsed_holders(&states(&streams.seats), &order.seats, now)
+                .into_iter()
+                .filter(|holder| !held.bookings.contains(holder))
+                .collect();
+        if !holders.is_empty() {
+            let seats: Vec<SeatLabel> = holder_seats(conn, &holders, &order.seats)
+                .await?
+                .into_iter()
+                .filter(|label| !held.seats.contains(label))
+                .collect();
+            let extra =
+                event_log::lock_and_load(conn, show_id, &seats, &holders, LockWait::Never).await?;
+            if !extra.locked {
+                return Err(LogError::Conflict.into());
+            }
+            streams.seats.extend(extra.seats);
+            streams.bookings.extend(extra.bookings);
         }
-        let seat_states = states(&seats);
-        let booking_states = states(&bookings);
+        let seat_states = states(&streams.seats);
+        let booking_states = states(&streams.bookings);
         let changes = box_office::place(
             show,
-            request,
+            order.request(now),
             &Booking::default(),
             Streams {
                 seats: &seat_states,
@@ -193,11 +269,17 @@ impl Sales {
             now,
         )?;
         let after = after(&Booking::default(), booking_id, &changes);
-        let token = append_changes(conn, show_id, changes, &seats, &bookings).await?;
-        Ok((after, token))
+        let token =
+            append_changes(conn, show_id, changes, &streams.seats, &streams.bookings).await?;
+        Ok(Decided {
+            booking: after,
+            token,
+            now,
+        })
     }
 
-    /// Confirms, cancels or expires a booking, with its seats.
+    /// Confirms or cancels a booking, with its seats, deciding from the
+    /// booking and seats as they are once their locks are held.
     ///
     /// A confirm or cancel that finds the hold lapsed records the expiry in
     /// the same transaction and then answers 409 `expired`.
@@ -208,46 +290,97 @@ impl Sales {
         conn: &mut PgConnection,
         booking_id: BookingId,
         action: Settle,
-        now: Timestamp,
-    ) -> Result<(Booking, ConsistencyToken), ApiError> {
-        event_log::lock_streams(conn, [(Booking::TYPE, booking_id.to_string())]).await?;
-        let bookings = event_log::load_bookings(conn, &[booking_id]).await?;
-        let loaded = bookings
+        lock_wait: Duration,
+    ) -> Result<Decided, ApiError> {
+        let (show_id, labels) = booking_seats(conn, booking_id)
+            .await?
+            .ok_or(ApiError::NotFound("booking"))?;
+        let mut streams =
+            event_log::lock_and_load(conn, show_id, &labels, &[booking_id], LockWait::Never)
+                .await?;
+        if !streams.locked {
+            streams = event_log::lock_and_load(
+                conn,
+                show_id,
+                &labels,
+                &[booking_id],
+                LockWait::Upto(lock_wait),
+            )
+            .await?;
+        }
+        let now = Self::now();
+        let loaded = streams
+            .bookings
             .get(&booking_id)
             .ok_or(ApiError::NotFound("booking"))?;
-        let details = loaded
-            .state
-            .details()
-            .ok_or(ApiError::NotFound("booking"))?;
-        let labels: Vec<SeatLabel> = details.seats.iter().map(|s| s.label.clone()).collect();
-        lock_seats(conn, details.show_id, &labels).await?;
-        let seats = event_log::load_seats(conn, details.show_id, &labels).await?;
-        let seat_states = states(&seats);
-        let booking_states = states(&bookings);
-        let streams = Streams {
+        let seat_states = states(&streams.seats);
+        let booking_states = states(&streams.bookings);
+        let views = Streams {
             seats: &seat_states,
             bookings: &booking_states,
         };
         let decided = match action {
-            Settle::Confirm => box_office::confirm(&loaded.state, streams, now),
-            Settle::Cancel => box_office::cancel(&loaded.state, streams, now),
-            Settle::Expire => box_office::expire(&loaded.state, streams, now),
+            Settle::Confirm => box_office::confirm(&loaded.state, views, now),
+            Settle::Cancel => box_office::cancel(&loaded.state, views, now),
         };
         let lapsed = matches!(loaded.state.status(), Some(BookingStatus::Held { expires_at }) if expires_at <= now);
         let (changes, refusal) = match decided {
             Ok(changes) => (changes, None),
             Err(domain::BoxOfficeError::Booking(domain::BookingError::Expired)) if lapsed => (
-                box_office::expire(&loaded.state, streams, now)?,
+                box_office::expire(&loaded.state, views, now)?,
                 Some(ApiError::BookingClosed { status: "expired" }),
             ),
             Err(e) => return Err(e.into()),
         };
-        let after = after(&loaded.state, booking_id, &changes);
-        let token = append_changes(conn, details.show_id, changes, &seats, &bookings).await?;
+        let booking = after(&loaded.state, booking_id, &changes);
+        let token =
+            append_changes(conn, show_id, changes, &streams.seats, &streams.bookings).await?;
         match refusal {
             Some(refusal) => Err(refusal),
-            None => Ok((after, token)),
+            None => Ok(Decided {
+                booking,
+                token,
+                now,
+            }),
         }
+    }
+
+    /// Records the lapse of a held booking, for the sweeper: only if its
+    /// streams are free at once (a buyer working on them records it
+    /// itself) and it is still a lapsed hold. Whether it expired it.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn expire(conn: &mut PgConnection, booking_id: BookingId) -> Result<bool, ApiError> {
+        let Some((show_id, labels)) = booking_seats(conn, booking_id).await? else {
+            return Ok(false);
+        };
+        let streams =
+            event_log::lock_and_load(conn, show_id, &labels, &[booking_id], LockWait::Never)
+                .await?;
+        if !streams.locked {
+            return Ok(false);
+        }
+        let now = Self::now();
+        let Some(loaded) = streams.bookings.get(&booking_id) else {
+            return Ok(false);
+        };
+        if !matches!(loaded.state.status(), Some(BookingStatus::Held { expires_at }) if expires_at <= now)
+        {
+            return Ok(false);
+        }
+        let seat_states = states(&streams.seats);
+        let booking_states = states(&streams.bookings);
+        let changes = box_office::expire(
+            &loaded.state,
+            Streams {
+                seats: &seat_states,
+                bookings: &booking_states,
+            },
+            now,
+        )?;
+        append_changes(conn, show_id, changes, &streams.seats, &streams.bookings).await?;
+        Ok(true)
     }
 
     /// The current time, for a command. The domain never reads a clock.
@@ -266,8 +399,6 @@ pub enum Settle {
     Confirm,
     /// Cancel and free the seats.
     Cancel,
-    /// Record a lapsed hold and free the seats.
-    Expire,
 }
 
 fn states<K: Ord + Clone, A: Clone>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap<K, A> {
@@ -277,22 +408,96 @@ fn states<K: Ord + Clone, A: Clone>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap
         .collect()
 }
 
-/// Locks the seat streams of `labels` for the rest of the transaction.
-async fn lock_seats(
+/// A booking asked for, before the time of its decision is known.
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// The new booking's id.
+    pub booking_id: BookingId,
+    /// The show.
+    pub show_id: ShowId,
+    /// The buyer.
+    pub user_id: UserId,
+    /// The seats, in the buyer's order.
+    pub seats: Vec<SeatLabel>,
+    /// Hold the seats this long (to be confirmed), or buy them at once.
+    pub hold_for: Option<chrono::Duration>,
+}
+
+impl Order {
+    /// The box office's request, decided at `now`.
+    fn request(&self, now: Timestamp) -> BookingRequest {
+        BookingRequest {
+            booking_id: self.booking_id,
+            show_id: self.show_id,
+            user_id: self.user_id,
+            seats: self.seats.clone(),
+            purchase: match self.hold_for {
+                Some(hold_for) => Purchase::Hold {
+                    expires_at: now + hold_for,
+                },
+                None => Purchase::Book,
+            },
+        }
+    }
+}
+
+/// What a command decided: the booking after it, the consistency token of
+/// what it wrote, and the time it decided at.
+#[derive(Debug)]
+pub struct Decided {
+    /// The booking once the command's events apply.
+    pub booking: Booking,
+    /// The streams written and the sequences they reached.
+    pub token: ConsistencyToken,
+    /// When it was decided (after its locks were held).
+    pub now: Timestamp,
+}
+
+/// The streams whose locks a command holds.
+#[derive(Debug, Default)]
+struct Held {
+    seats: BTreeSet<SeatLabel>,
+    bookings: BTreeSet<BookingId>,
+}
+
+/// A booking's show and seats, from a committed snapshot: what it locks
+/// (a booking's details never change once written). `None`: no booking.
+async fn booking_seats(
     conn: &mut PgConnection,
-    show_id: ShowId,
-    labels: &[SeatLabel],
-) -> Result<(), event_log::LogError> {
-    event_log::lock_streams(
-        conn,
-        labels.iter().map(|label| {
+    booking_id: BookingId,
+) -> Result<Option<(ShowId, Vec<SeatLabel>)>, LogError> {
+    let bookings = event_log::load_bookings(conn, &[booking_id]).await?;
+    Ok(bookings
+        .get(&booking_id)
+        .and_then(|loaded| loaded.state.details())
+        .map(|details| {
             (
-                Seat::TYPE,
-                domain::SeatId::new(show_id, label.clone()).to_string(),
+                details.show_id,
+                details.seats.iter().map(|s| s.label.clone()).collect(),
             )
-        }),
-    )
-    .await
+        }))
+}
+
+/// The seats of `holders` (lapsed holds to be expired) other than
+/// `requested`, from a committed snapshot.
+async fn holder_seats(
+    conn: &mut PgConnection,
+    holders: &[BookingId],
+    requested: &[SeatLabel],
+) -> Result<Vec<SeatLabel>, LogError> {
+    if holders.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bookings = event_log::load_bookings(conn, holders).await?;
+    let mut seats: Vec<SeatLabel> = bookings
+        .values()
+        .filter_map(|b| b.state.details())
+        .flat_map(|d| d.seats.iter().map(|s| s.label.clone()))
+        .filter(|label| !requested.contains(label))
+        .collect();
+    seats.sort();
+    seats.dedup();
+    Ok(seats)
 }
 
 /// Appends one command's booking and seat events, each stream at the

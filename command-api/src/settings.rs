@@ -38,6 +38,12 @@ pub struct Settings {
     /// How many times a command is run when it meets concurrent writers.
     #[arg(long, env = "COMMAND_ATTEMPTS", default_value_t = 8)]
     pub command_attempts: u32,
+    /// The longest a command waits for one stream's lock, in ms; then it
+    /// starts over from a fresh snapshot (which most often refuses what the
+    /// lock's holder took), and after `COMMAND_ATTEMPTS` answers 503.
+    #[arg(long, env = "COMMAND_LOCK_WAIT_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub command_lock_wait_ms: u64,
     /// Run the relay to Kafka in this process (`false` when another process
     /// runs `command-api relay`; running it in several is safe either way).
     #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
@@ -54,5 +60,10 @@ impl Settings {
     /// How long a hold lasts.
     pub fn hold_for(&self) -> Duration {
         Duration::from_secs(self.hold_secs)
+    }
+
+    /// The longest wait for one stream's lock.
+    pub fn lock_wait(&self) -> Duration {
+        Duration::from_millis(self.command_lock_wait_ms)
     }
 }

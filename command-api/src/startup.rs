@@ -83,6 +83,10 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     // hits, and the pool reconnects by itself when Postgres is back.
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
+        // A ping before every use is a round trip per command; a broken
+        // connection fails its statement instead, which is a 503 the client
+        // retries, and the pool replaces it.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
         .connect_lazy_with(options))
 }
@@ -127,14 +131,20 @@ impl App {
         let listener = TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.addr))?;
+        let sales = Sales::new(
+            pool.clone(),
+            settings.hold_for(),
+            settings.command_attempts,
+            settings.lock_wait(),
+        );
         // Kafka is not needed to take commands: the relay connects, and
-        // reconnects, on its own.
+        // reconnects, on its own. It is woken by this process' commits and
+        // polls for those of others.
         let relay = if settings.relay_enabled {
-            Some(Relay::new(pool.clone(), settings.relay.clone())?)
+            Some(Relay::new(pool, settings.relay.clone())?.woken_by(sales.commits()))
         } else {
             None
         };
-        let sales = Sales::new(pool, settings.hold_for(), settings.command_attempts);
         Ok(Self {
             listener,
             sales,

@@ -14,9 +14,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use command_api::relay::Relay;
 use command_api::republish::{Progress, Rewound};
-use command_api::sales::Sales;
+use command_api::sales::{Order, Sales};
 use common::{relay_settings, TestApp};
-use domain::box_office::{BookingRequest, Purchase};
+
 use domain::{BookingId, SeatLabel, ShowId, UserId};
 use serde_json::{json, Value};
 use sqlx::Connection;
@@ -144,21 +144,22 @@ async fn an_event_that_commits_late_is_published_after_the_earlier_commit_and_no
     ensure!(!shown.is_empty(), "the relay never published the show");
 
     // A takes the earlier global positions but stays open...
-    let sales = Sales::new(app.db.pool.clone(), Duration::from_secs(600), 8);
+    let wait = Duration::from_millis(250);
+    let sales = Sales::new(app.db.pool.clone(), Duration::from_secs(600), 8, wait);
     let show = sales.show(show_id.parse::<ShowId>()?).await?;
     let mut late = app.db.pool.begin().await?;
     let late_booking = BookingId::from_uuid(uuid::Uuid::new_v4());
     Sales::place(
         &mut late,
         &show,
-        BookingRequest {
+        Order {
             booking_id: late_booking,
             show_id: show_id.parse()?,
             user_id: UserId::from_uuid(uuid::Uuid::new_v4()),
             seats: vec!["A1".parse::<SeatLabel>()?],
-            purchase: Purchase::Book,
+            hold_for: None,
         },
-        Sales::now(),
+        wait,
     )
     .await?;
     // ...while B, later in every respect, commits first.

@@ -36,6 +36,7 @@ pub fn settings(database_url: String, hold_secs: u64) -> Settings {
         sweep_every_secs: 1,
         idempotency_keep_hours: 24,
         command_attempts: 8,
+        command_lock_wait_ms: 250,
         relay_enabled: false,
         relay: relay_settings("ticketing.unused", &ticketing_tests::kafka_brokers()),
         log_json: false,
@@ -49,7 +50,7 @@ pub fn relay_settings(topic: &str, brokers: &str) -> RelaySettings {
         relay_topic: topic.to_owned(),
         relay_partitions: 3,
         relay_batch: 50,
-        relay_poll_ms: 200,
+        relay_poll_ms: 20,
         relay_standby_poll_ms: 300,
         relay_ack_timeout_ms: 15_000,
     }
