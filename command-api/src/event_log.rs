@@ -212,6 +212,14 @@ fn fold<A: Aggregate>(stream: &mut Loaded<A>, event: A::Event, sequence: i64) {
     stream.version = sequence;
 }
 
+/// The lock key of a seat's stream.
+pub fn seat_key(show_id: ShowId, label: &SeatLabel) -> i64 {
+    stream_key(
+        Seat::TYPE,
+        &domain::SeatId::new(show_id, label.clone()).to_string(),
+    )
+}
+
 /// A stable 64-bit key for a stream (FNV-1a): the same in every process.
 pub(crate) fn stream_key(aggregate_type: &str, id: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

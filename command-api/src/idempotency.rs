@@ -11,7 +11,8 @@
 //! leaves no key behind, and the retry runs the command afresh.
 
 use axum::http::HeaderMap;
-use sqlx::{PgConnection, Row};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
 
 use crate::error::ApiError;
 use crate::reply::Reply;
@@ -83,37 +84,78 @@ pub enum Claim {
 /// request, [`ApiError::InProgress`] when the first request is still running
 /// after a wait, store errors otherwise.
 pub async fn claim(conn: &mut PgConnection, keyed: &Keyed) -> Result<Claim, ApiError> {
-    let lock_key = crate::event_log::stream_key(keyed.route, &keyed.key);
     let stored = sqlx::query(
         "SELECT request, status, headers, body FROM claim_idempotency_key($1, $2, $3, $4)",
     )
-    .bind(lock_key)
+    .bind(keyed.lock_key())
     .bind(IN_FLIGHT_WAIT_MS)
     .bind(keyed.route)
     .bind(&keyed.key)
     .fetch_optional(&mut *conn)
     .await;
-    let row = match stored {
-        Ok(Some(row)) => row,
-        Ok(None) => return Ok(Claim::Fresh),
-        // 55P03: lock_timeout while waiting for the in-flight first request.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-            return Err(ApiError::InProgress)
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let request: Vec<u8> = row.try_get("request")?;
-    if request != keyed.request {
-        return Err(ApiError::IdempotencyMismatch);
+    match stored {
+        Ok(Some(row)) => keyed.replay(&row).map(Claim::Replay),
+        Ok(None) => Ok(Claim::Fresh),
+        Err(e) => Err(in_flight_or(e)),
     }
-    let status: i16 = row.try_get("status")?;
-    let headers: serde_json::Value = row.try_get("headers")?;
-    let body: Vec<u8> = row.try_get("body")?;
-    u16::try_from(status)
-        .ok()
-        .and_then(|status| Reply::from_stored(status, &headers, body))
-        .map(Claim::Replay)
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored answer for a key is unreadable")))
+}
+
+/// The answer to a request refused without its stream locks: the key's
+/// stored answer if it has one (its first request may have won the very
+/// seats), else `refusal`, stored for the key's retries. One round trip,
+/// outside any transaction of the caller.
+///
+/// # Errors
+/// As [`claim`].
+pub async fn refuse(pool: &PgPool, keyed: &Keyed, refusal: &Reply) -> Result<Reply, ApiError> {
+    let row = sqlx::query(
+        "SELECT request, status, headers, body
+           FROM refuse_with_idempotency_key($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(keyed.lock_key())
+    .bind(IN_FLIGHT_WAIT_MS)
+    .bind(keyed.route)
+    .bind(&keyed.key)
+    .bind(&keyed.request)
+    .bind(i16::try_from(refusal.status.as_u16()).unwrap_or(i16::MAX))
+    .bind(refusal.stored_headers())
+    .bind(&refusal.body)
+    .fetch_one(pool)
+    .await
+    .map_err(in_flight_or)?;
+    keyed.replay(&row)
+}
+
+fn in_flight_or(error: sqlx::Error) -> ApiError {
+    match &error {
+        // 55P03: lock_timeout while waiting for the in-flight first request.
+        sqlx::Error::Database(e) if e.code().as_deref() == Some("55P03") => ApiError::InProgress,
+        _ => error.into(),
+    }
+}
+
+impl Keyed {
+    /// The key's advisory lock.
+    fn lock_key(&self) -> i64 {
+        crate::event_log::stream_key(self.route, &self.key)
+    }
+
+    /// The stored answer of `row`, for this request.
+    fn replay(&self, row: &PgRow) -> Result<Reply, ApiError> {
+        let request: Vec<u8> = row.try_get("request")?;
+        if request != self.request {
+            return Err(ApiError::IdempotencyMismatch);
+        }
+        let status: i16 = row.try_get("status")?;
+        let headers: serde_json::Value = row.try_get("headers")?;
+        let body: Vec<u8> = row.try_get("body")?;
+        u16::try_from(status)
+            .ok()
+            .and_then(|status| Reply::from_stored(status, &headers, body))
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("stored answer for a key is unreadable"))
+            })
+    }
 }
 
 /// Stores the answer to a fresh key, in the same transaction as its events

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod event_log;
+pub mod gate;
 pub mod idempotency;
 pub mod relay;
 pub mod reply;

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use utoipa::ToSchema;
 
 use crate::error::{member, ApiError};
-use crate::event_log::LogError;
-use crate::idempotency::Keyed;
+use crate::event_log::{self, LogError};
+use crate::gate::Pass;
+use crate::idempotency::{self, Keyed};
 use crate::relay::RelayStatus;
 use crate::reply::Reply;
 use crate::sales::{Order, Sales, Settle};
@@ -228,12 +229,35 @@ pub async fn place_booking(
     let show = sales.show(show_id).await?;
     let hold_for =
         chrono::Duration::from_std(sales.hold_for).map_err(|e| ApiError::Internal(e.into()))?;
-    let booking_id = BookingId::from_uuid(uuid::Uuid::new_v4());
-    let hold = body.hold;
+    let order = Order {
+        booking_id: BookingId::from_uuid(uuid::Uuid::new_v4()),
+        show_id,
+        user_id,
+        seats: labels.clone(),
+        hold_for: body.hold.then_some(hold_for),
+    };
+    let mut pass = None;
+    if malformed.is_empty() {
+        // Refusals that no state can change come before any wait.
+        Sales::check(&show, &order)?;
+        match enter_gate(&sales, &order).await? {
+            Gated::Through(through) => pass = Some(through),
+            Gated::Taken(seats) => {
+                let refusal = ApiError::Unavailable { seats };
+                return match &keyed {
+                    Some(keyed) => {
+                        idempotency::refuse(sales.pool(), keyed, &refusal.to_reply()).await
+                    }
+                    None => Err(refusal),
+                };
+            }
+        }
+    }
     let lock_wait = sales.lock_wait;
-    sales
+    let reply = sales
         .transact(keyed.as_ref(), |conn| {
             let (show, labels, malformed) = (Arc::clone(&show), labels.clone(), malformed.clone());
+            let order = order.clone();
             Box::pin(async move {
                 if !malformed.is_empty() {
                     // Malformed labels are unknown seats too, reported with the show's.
@@ -254,13 +278,6 @@ pub async fn place_booking(
                         ),
                     ));
                 }
-                let order = Order {
-                    booking_id,
-                    show_id,
-                    user_id,
-                    seats: labels,
-                    hold_for: hold.then_some(hold_for),
-                };
                 let decided = Sales::place(conn, &show, order, lock_wait).await?;
                 let view = BookingView::of(&decided.booking, decided.now)?;
                 let mut reply = Reply::json(StatusCode::CREATED, &view);
@@ -269,7 +286,59 @@ pub async fn place_booking(
                 Ok(reply)
             })
         })
+        .await?;
+    if let Some(pass) = pass
+        .as_mut()
+        .filter(|_| reply.status == StatusCode::CREATED)
+    {
+        pass.took();
+    }
+    Ok(reply)
+}
+
+/// What the seat gate let through.
+enum Gated {
+    /// The command may go to Postgres.
+    Through(Pass),
+    /// These seats are taken: refused without a lock.
+    Taken(Vec<SeatLabel>),
+}
+
+/// Waits for the seat gate (see [`crate::gate`]). A command that meets
+/// another for its seats is refused, without a lock, if the seats are taken
+/// as of the committed state, or as soon as one taken while it waited is
+/// known; the caller keeps the refusal for its `Idempotency-Key`.
+async fn enter_gate(sales: &Sales, order: &Order) -> Result<Gated, ApiError> {
+    let arrived = tokio::time::Instant::now();
+    let seats: Vec<i64> = order
+        .seats
+        .iter()
+        .map(|label| event_log::seat_key(order.show_id, label))
+        .collect();
+    if let Some(pass) = sales.gate.try_enter(&seats) {
+        return Ok(Gated::Through(pass));
+    }
+    let taken = sales.taken_seats(order.show_id, &order.seats).await?;
+    if !taken.is_empty() {
+        return Ok(Gated::Taken(taken));
+    }
+    let mut pass = sales
+        .gate
+        .enter(&seats, sales.command_wait())
         .await
+        .ok_or(ApiError::StoreUnavailable(Some(LogError::LockTimeout)))?;
+    let taken = pass.taken_since(arrived);
+    if taken.is_empty() {
+        return Ok(Gated::Through(pass));
+    }
+    Ok(Gated::Taken(
+        order
+            .seats
+            .iter()
+            .filter(|label| taken.contains(&event_log::seat_key(order.show_id, label)))
+            .cloned()
+            .collect(),
+    ))
 }
 
 /// `POST /bookings/{id}/confirm`: buys a held booking.

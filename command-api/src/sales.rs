@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use crate::error::ApiError;
 use crate::event_log::{self, Append, Loaded, LockWait, LogError, Versions};
+use crate::gate::SeatGate;
 use crate::idempotency::{self, Claim, Keyed};
 use crate::reply::Reply;
 
@@ -36,6 +37,8 @@ pub struct Sales {
     pub lock_wait: Duration,
     /// Signalled after every commit, for the relay in this process.
     commits: Arc<Notify>,
+    /// One booking command per seat at a time goes to Postgres from here.
+    pub gate: SeatGate,
 }
 
 impl Sales {
@@ -50,7 +53,57 @@ impl Sales {
             max_attempts: max_attempts.max(1),
             lock_wait,
             commits: Arc::default(),
+            gate: SeatGate::default(),
         }
+    }
+
+    /// The longest a command may wait in all: for every attempt's locks.
+    pub fn command_wait(&self) -> Duration {
+        self.lock_wait.saturating_mul(self.max_attempts)
+    }
+
+    /// The requested seats that are someone else's as of the committed
+    /// state (a snapshot, no lock): fit to refuse from, not to decide on.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn taken_seats(
+        &self,
+        show_id: ShowId,
+        labels: &[SeatLabel],
+    ) -> Result<Vec<SeatLabel>, ApiError> {
+        let mut conn = self.pool.acquire().await.map_err(LogError::Unreachable)?;
+        let seats = event_log::load_seats(&mut conn, show_id, labels).await?;
+        let now = Self::now();
+        Ok(labels
+            .iter()
+            .filter(|label| {
+                seats
+                    .get(*label)
+                    .is_some_and(|seat| seat.state.owner_at(now).is_some())
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// Refuses, before anything is read, an order the show could never
+    /// take (no seats, too many, a seat twice, seats it does not have).
+    ///
+    /// # Errors
+    /// The box office's refusal.
+    pub fn check(show: &Show, order: &Order) -> Result<(), ApiError> {
+        let now = Self::now();
+        box_office::place(
+            show,
+            order.request(now),
+            &Booking::default(),
+            Streams {
+                seats: &BTreeMap::new(),
+                bookings: &BTreeMap::new(),
+            },
+            now,
+        )?;
+        Ok(())
     }
 
     /// Signalled after every commit (a permit is kept when nobody waits),
@@ -173,18 +226,9 @@ impl Sales {
     ) -> Result<Decided, ApiError> {
         let show_id = order.show_id;
         let booking_id = order.booking_id;
-        let before = Self::now();
         // Checked before any lock, so bad requests never queue behind buyers.
-        box_office::place(
-            show,
-            order.request(before),
-            &Booking::default(),
-            Streams {
-                seats: &BTreeMap::new(),
-                bookings: &BTreeMap::new(),
-            },
-            before,
-        )?;
+        Self::check(show, &order)?;
+        let before = Self::now();
         let first =
             event_log::lock_and_load(conn, show_id, &order.seats, &[booking_id], LockWait::Never)
                 .await?;

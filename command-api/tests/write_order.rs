@@ -324,3 +324,135 @@ async fn sweepers_skip_holds_in_use_and_share_the_rest() -> anyhow::Result<()> {
     check_log(&app.db.pool).await?;
     app.stop().await
 }
+
+/// One show's seat held up by a stuck lock (another process' command that
+/// does not finish), 200 buyers piling onto it: they wait without holding
+/// the pool, their answer comes within the bound (503 with `Retry-After`),
+/// and another show's buyers book meanwhile at their usual latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_seat_neither_holds_the_pool_nor_slows_another_shows_buyers() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let hot = small_show(&app, 4).await?;
+    let cold = small_show(&app, 40).await?;
+    let mut stuck = app.db.pool.begin().await?;
+    let locked = event_log::lock_and_load(
+        &mut stuck,
+        hot.parse()?,
+        &["A1".parse::<SeatLabel>()?],
+        &[],
+        LockWait::Never,
+    )
+    .await?;
+    ensure!(locked.locked);
+    let piling: Vec<_> = (0..200)
+        .map(|n| {
+            let (client, base) = (app.client.clone(), app.base.clone());
+            let body = booking(&hot, &["A1"], false);
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let answer = client
+                    .post(format!("{base}/bookings"))
+                    .header("Idempotency-Key", format!("hot-{n}"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                let retry_after = answer.headers().contains_key("retry-after");
+                anyhow::Ok((answer.status().as_u16(), retry_after, started.elapsed()))
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut latencies = Vec::new();
+    for n in 1..=30 {
+        let started = std::time::Instant::now();
+        let (status, body) = app
+            .post("/bookings", &booking(&cold, &[&format!("A{n}")], false))
+            .await?;
+        latencies.push(started.elapsed());
+        ensure!(status == 201, "{status} {body}");
+    }
+    latencies.sort();
+    let slowest = latencies[latencies.len() - 1];
+    ensure!(
+        slowest < Duration::from_millis(500),
+        "the other show's buyers waited up to {slowest:?} (median {:?})",
+        latencies[latencies.len() / 2]
+    );
+    let mut answers = Vec::new();
+    for task in piling {
+        answers.push(task.await??);
+    }
+    stuck.rollback().await?;
+    for (status, retry_after, took) in &answers {
+        ensure!(
+            *status == 503 && *retry_after,
+            "a buyer of the stuck seat got {status} after {took:?}"
+        );
+        ensure!(
+            *took < Duration::from_secs(5),
+            "a buyer of the stuck seat waited {took:?}"
+        );
+    }
+    // Once the lock is gone, the seat sells.
+    let (status, body) = app
+        .post("/bookings", &booking(&hot, &["A1"], false))
+        .await?;
+    ensure!(status == 201, "{status} {body}");
+    eprintln!(
+        "other show: median {:?}, slowest {slowest:?}",
+        latencies[latencies.len() / 2]
+    );
+    app.stop().await
+}
+
+/// Buyers racing with keys for one seat: the losers, refused from a
+/// snapshot or while they waited without any lock, keep their 409 for
+/// their keys, so a retry gets it again even once the seat is free; the
+/// winner's retry gets its 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_without_a_lock_are_kept_for_their_keys() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let show_id = small_show(&app, 2).await?;
+    let bodies: Vec<Value> = (0..60).map(|_| booking(&show_id, &["A1"], false)).collect();
+    let race = bodies.iter().enumerate().map(|(n, body)| {
+        let key = format!("race-{n}");
+        let app = &app;
+        async move { app.post_with("/bookings", body, Some(&key)).await }
+    });
+    let answers = futures::future::join_all(race).await;
+    let mut winner = None;
+    for (n, answer) in answers.iter().enumerate() {
+        let (status, body) = answer.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        match status {
+            201 => {
+                ensure!(winner.is_none(), "two winners");
+                winner = Some((n, body["booking_id"].as_str().context("id")?.to_owned()));
+            }
+            409 => ensure!(body["unavailable_seats"] == json!(["A1"]), "{body}"),
+            other => anyhow::bail!("{other} {body}"),
+        }
+    }
+    let (won, booking_id) = winner.context("nobody won")?;
+    let (status, _) = app
+        .post(&format!("/bookings/{booking_id}/cancel"), &json!({}))
+        .await?;
+    ensure!(status == 200);
+    for (n, body) in bodies.iter().enumerate() {
+        let (status, again) = app
+            .post_with("/bookings", body, Some(&format!("race-{n}")))
+            .await?;
+        if n == won {
+            ensure!(
+                status == 201 && again["booking_id"] == booking_id.as_str(),
+                "{again}"
+            );
+        } else {
+            ensure!(
+                status == 409,
+                "loser {n} got {status} on its retry: {again}"
+            );
+        }
+    }
+    check_log(&app.db.pool).await?;
+    app.stop().await
+}
