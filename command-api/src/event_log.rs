@@ -220,6 +220,28 @@ pub fn seat_key(show_id: ShowId, label: &SeatLabel) -> i64 {
     )
 }
 
+/// The lock key of a booking's stream.
+pub fn booking_key(booking_id: BookingId) -> i64 {
+    stream_key(Booking::TYPE, &booking_id.to_string())
+}
+
+/// Tries the locks of `keys` (held until the transaction ends), waiting for
+/// none: which were taken, key by key. A lock this transaction already
+/// holds counts as taken.
+///
+/// # Errors
+/// [`LogError::Database`].
+pub async fn try_locks(conn: &mut PgConnection, keys: &[i64]) -> Result<Vec<bool>, LogError> {
+    Ok(sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(k)
+           FROM unnest($1::bigint[]) WITH ORDINALITY AS u(k, i)
+          ORDER BY i",
+    )
+    .bind(keys)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// A stable 64-bit key for a stream (FNV-1a): the same in every process.
 pub(crate) fn stream_key(aggregate_type: &str, id: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -351,8 +373,8 @@ fn rows_for<K: ToString, E: DomainEvent>(
 /// The versions each stream had when loaded (absent: 0).
 #[derive(Debug, Default)]
 pub struct Versions {
-    /// Seat streams by label.
-    pub seats: BTreeMap<SeatLabel, i64>,
+    /// Seat streams.
+    pub seats: BTreeMap<domain::SeatId, i64>,
     /// Booking streams by id.
     pub bookings: BTreeMap<BookingId, i64>,
     /// Show streams by id.
@@ -363,13 +385,16 @@ fn version<K: Ord>(versions: &BTreeMap<K, i64>, key: &K) -> i64 {
     versions.get(key).copied().unwrap_or(0)
 }
 
-/// Everything one command appends: box-office changes and new shows.
+/// Everything one command (or one batch of them) appends: box-office
+/// changes, new shows, and the answers to keep for idempotency keys.
 #[derive(Debug, Default)]
 pub struct Append {
     /// Booking and seat events.
     pub changes: Changes,
     /// Show events.
     pub shows: BTreeMap<ShowId, Vec<domain::ShowEvent>>,
+    /// First answers to idempotency keys, kept with the events.
+    pub answers: Vec<crate::idempotency::Stored>,
 }
 
 /// Appends every event of one command in one statement, each stream at the
@@ -405,15 +430,16 @@ pub async fn append(
     rows_for(
         Seat::TYPE,
         &append.changes.seats,
-        |id: &domain::SeatId| version(&versions.seats, &id.label),
+        |id| version(&versions.seats, id),
         &mut rows,
     )
     .map_err(encode)?;
-    if rows.is_empty() {
+    if rows.is_empty() && append.answers.is_empty() {
         return Ok(0);
     }
     let column = |f: fn(&NewEvent) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let holds = Holds::of(&append.changes.bookings);
+    let answers = &append.answers;
     // One statement: the events and the pending holds they start and end,
     // which the sweeper reads.
     let position: Option<i64> = sqlx::query_scalar(
@@ -427,7 +453,11 @@ pub async fn append(
            INSERT INTO pending_holds (booking_id, show_id, expires_at)
            SELECT * FROM UNNEST($7::uuid[], $8::uuid[], $9::timestamptz[])),
          settled AS (
-           DELETE FROM pending_holds WHERE booking_id = ANY($10::uuid[]))
+           DELETE FROM pending_holds WHERE booking_id = ANY($10::uuid[])),
+         answered AS (
+           INSERT INTO idempotency_keys (route, key, request, status, headers, body)
+           SELECT * FROM UNNEST($11::text[], $12::text[], $13::bytea[], $14::smallint[],
+                                $15::jsonb[], $16::bytea[]))
          SELECT max(global_position) FROM appended",
     )
     .bind(column(|r| r.aggregate_type.to_owned()))
@@ -440,6 +470,12 @@ pub async fn append(
     .bind(&holds.shows)
     .bind(&holds.until)
     .bind(&holds.settled)
+    .bind(answers.iter().map(|a| a.route).collect::<Vec<_>>())
+    .bind(answers.iter().map(|a| a.key.as_str()).collect::<Vec<_>>())
+    .bind(answers.iter().map(|a| a.request.as_slice()).collect::<Vec<_>>())
+    .bind(answers.iter().map(|a| a.status).collect::<Vec<_>>())
+    .bind(answers.iter().map(|a| &a.headers).collect::<Vec<_>>())
+    .bind(answers.iter().map(|a| a.body.as_slice()).collect::<Vec<_>>())
     .fetch_one(&mut *conn)
     .await
     .map_err(conflict_or)?;

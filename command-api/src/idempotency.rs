@@ -10,6 +10,8 @@
 //! a key and its events commit together or not at all: a crash or a 5xx
 //! leaves no key behind, and the retry runs the command afresh.
 
+use std::collections::HashMap;
+
 use axum::http::HeaderMap;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
@@ -126,6 +128,37 @@ pub async fn refuse(pool: &PgPool, keyed: &Keyed, refusal: &Reply) -> Result<Rep
     keyed.replay(&row)
 }
 
+/// The stored answers of `keys`, by lock key, read in the caller's
+/// transaction (which holds the keys' locks).
+///
+/// # Errors
+/// Store errors.
+pub async fn stored_answers(
+    conn: &mut PgConnection,
+    keys: &[&Keyed],
+) -> Result<HashMap<i64, PgRow>, ApiError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "SELECT k.route, k.key, k.request, k.status, k.headers, k.body
+           FROM idempotency_keys AS k
+           JOIN unnest($1::text[], $2::text[]) AS u(route, key)
+             ON k.route = u.route AND k.key = u.key",
+    )
+    .bind(keys.iter().map(|k| k.route).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    let mut stored = HashMap::new();
+    for row in rows {
+        let route: String = row.try_get("route")?;
+        let key: String = row.try_get("key")?;
+        stored.insert(crate::event_log::stream_key(&route, &key), row);
+    }
+    Ok(stored)
+}
+
 fn in_flight_or(error: sqlx::Error) -> ApiError {
     match &error {
         // 55P03: lock_timeout while waiting for the in-flight first request.
@@ -136,12 +169,12 @@ fn in_flight_or(error: sqlx::Error) -> ApiError {
 
 impl Keyed {
     /// The key's advisory lock.
-    fn lock_key(&self) -> i64 {
+    pub(crate) fn lock_key(&self) -> i64 {
         crate::event_log::stream_key(self.route, &self.key)
     }
 
     /// The stored answer of `row`, for this request.
-    fn replay(&self, row: &PgRow) -> Result<Reply, ApiError> {
+    pub(crate) fn replay(&self, row: &PgRow) -> Result<Reply, ApiError> {
         let request: Vec<u8> = row.try_get("request")?;
         if request != self.request {
             return Err(ApiError::IdempotencyMismatch);
@@ -155,6 +188,37 @@ impl Keyed {
             .ok_or_else(|| {
                 ApiError::Internal(anyhow::anyhow!("stored answer for a key is unreadable"))
             })
+    }
+}
+
+/// A first answer to keep for a key, written with the events it describes.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The key's route.
+    pub route: &'static str,
+    /// The key.
+    pub key: String,
+    /// The canonical request.
+    pub request: Vec<u8>,
+    /// The answer's status.
+    pub status: i16,
+    /// The answer's headers, as stored.
+    pub headers: serde_json::Value,
+    /// The answer's body.
+    pub body: Vec<u8>,
+}
+
+impl Keyed {
+    /// `reply` as the first answer to this key.
+    pub fn stored(&self, reply: &Reply) -> Stored {
+        Stored {
+            route: self.route,
+            key: self.key.clone(),
+            request: self.request.clone(),
+            status: i16::try_from(reply.status.as_u16()).unwrap_or(i16::MAX),
+            headers: reply.stored_headers(),
+            body: reply.body.clone(),
+        }
     }
 }
 

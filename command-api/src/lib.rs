@@ -9,6 +9,7 @@
 pub mod error;
 pub mod event_log;
 pub mod gate;
+pub mod group_commit;
 pub mod idempotency;
 pub mod relay;
 pub mod reply;

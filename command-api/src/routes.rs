@@ -17,10 +17,11 @@ use utoipa::ToSchema;
 use crate::error::{member, ApiError};
 use crate::event_log::{self, LogError};
 use crate::gate::Pass;
-use crate::idempotency::{self, Keyed};
+use crate::group_commit::ReplyOf;
+use crate::idempotency::Keyed;
 use crate::relay::RelayStatus;
 use crate::reply::Reply;
-use crate::sales::{Order, Sales, Settle};
+use crate::sales::{Decided, Order, Sales, Settle};
 
 /// `Json` whose rejection is our problem document.
 #[derive(Debug, FromRequest)]
@@ -236,61 +237,41 @@ pub async fn place_booking(
         seats: labels.clone(),
         hold_for: body.hold.then_some(hold_for),
     };
-    let mut pass = None;
-    if malformed.is_empty() {
-        // Refusals that no state can change come before any wait.
-        Sales::check(&show, &order)?;
-        match enter_gate(&sales, &order).await? {
-            Gated::Through(through) => pass = Some(through),
-            Gated::Taken(seats) => {
-                let refusal = ApiError::Unavailable { seats };
-                return match &keyed {
-                    Some(keyed) => {
-                        idempotency::refuse(sales.pool(), keyed, &refusal.to_reply()).await
-                    }
-                    None => Err(refusal),
-                };
-            }
+    if !malformed.is_empty() {
+        // Malformed labels are unknown seats too, reported with the show's.
+        let mut unknown = malformed;
+        if let Some(details) = show.details() {
+            unknown.extend(
+                labels
+                    .iter()
+                    .filter(|l| details.seat_map.section_of(l).is_none())
+                    .map(ToString::to_string),
+            );
         }
+        let refusal = ApiError::invalid(
+            format!("the show has no seat {}", unknown.join(", ")),
+            member(
+                "unknown_seats",
+                unknown.into_iter().map(Value::from).collect(),
+            ),
+        );
+        return sales.refuse(keyed.as_ref(), refusal).await;
     }
-    let lock_wait = sales.lock_wait;
-    let reply = sales
-        .transact(keyed.as_ref(), |conn| {
-            let (show, labels, malformed) = (Arc::clone(&show), labels.clone(), malformed.clone());
-            let order = order.clone();
-            Box::pin(async move {
-                if !malformed.is_empty() {
-                    // Malformed labels are unknown seats too, reported with the show's.
-                    let mut unknown = malformed;
-                    if let Some(details) = show.details() {
-                        unknown.extend(
-                            labels
-                                .iter()
-                                .filter(|l| details.seat_map.section_of(l).is_none())
-                                .map(ToString::to_string),
-                        );
-                    }
-                    return Err(ApiError::invalid(
-                        format!("the show has no seat {}", unknown.join(", ")),
-                        member(
-                            "unknown_seats",
-                            unknown.into_iter().map(Value::from).collect(),
-                        ),
-                    ));
-                }
-                let decided = Sales::place(conn, &show, order, lock_wait).await?;
-                let view = BookingView::of(&decided.booking, decided.now)?;
-                let mut reply = Reply::json(StatusCode::CREATED, &view);
-                reply.header(header::LOCATION, location("bookings", &view.booking_id));
-                with_token(&mut reply, &decided.token);
-                Ok(reply)
-            })
-        })
-        .await?;
-    if let Some(pass) = pass
-        .as_mut()
-        .filter(|_| reply.status == StatusCode::CREATED)
-    {
+    // Refusals that no state can change come before any wait.
+    Sales::check(&show, &order)?;
+    let reply_of: ReplyOf = Arc::new(|decided: &Decided| {
+        let view = BookingView::of(&decided.booking, decided.now)?;
+        let mut reply = Reply::json(StatusCode::CREATED, &view);
+        reply.header(header::LOCATION, location("bookings", &view.booking_id));
+        with_token(&mut reply, &decided.token);
+        Ok(reply)
+    });
+    let mut pass = match enter_gate(&sales, keyed.as_ref(), &show, &order, &reply_of).await? {
+        Gated::Through(pass) => pass,
+        Gated::Answered(answer) => return answer,
+    };
+    let reply = sales.book(keyed.as_ref(), show, order, reply_of).await?;
+    if reply.status == StatusCode::CREATED {
         pass.took();
     }
     Ok(reply)
@@ -300,15 +281,21 @@ pub async fn place_booking(
 enum Gated {
     /// The command may go to Postgres.
     Through(Pass),
-    /// These seats are taken: refused without a lock.
-    Taken(Vec<SeatLabel>),
+    /// Answered without a lock (see [`enter_gate`]).
+    Answered(Result<Reply, ApiError>),
 }
 
 /// Waits for the seat gate (see [`crate::gate`]). A command that meets
 /// another for its seats is refused, without a lock, if the seats are taken
 /// as of the committed state, or as soon as one taken while it waited is
-/// known; the caller keeps the refusal for its `Idempotency-Key`.
-async fn enter_gate(sales: &Sales, order: &Order) -> Result<Gated, ApiError> {
+/// known; the refusal is kept for its `Idempotency-Key`.
+async fn enter_gate(
+    sales: &Sales,
+    keyed: Option<&Keyed>,
+    show: &Arc<domain::Show>,
+    order: &Order,
+    reply_of: &ReplyOf,
+) -> Result<Gated, ApiError> {
     let arrived = tokio::time::Instant::now();
     let seats: Vec<i64> = order
         .seats
@@ -318,9 +305,11 @@ async fn enter_gate(sales: &Sales, order: &Order) -> Result<Gated, ApiError> {
     if let Some(pass) = sales.gate.try_enter(&seats) {
         return Ok(Gated::Through(pass));
     }
-    let taken = sales.taken_seats(order.show_id, &order.seats).await?;
-    if !taken.is_empty() {
-        return Ok(Gated::Taken(taken));
+    if let Some(answer) = sales
+        .refused_from_snapshot(keyed, show, order, reply_of)
+        .await?
+    {
+        return Ok(Gated::Answered(Ok(answer)));
     }
     let mut pass = sales
         .gate
@@ -331,13 +320,15 @@ async fn enter_gate(sales: &Sales, order: &Order) -> Result<Gated, ApiError> {
     if taken.is_empty() {
         return Ok(Gated::Through(pass));
     }
-    Ok(Gated::Taken(
-        order
-            .seats
-            .iter()
-            .filter(|label| taken.contains(&event_log::seat_key(order.show_id, label)))
-            .cloned()
-            .collect(),
+    drop(pass);
+    let seats = order
+        .seats
+        .iter()
+        .filter(|label| taken.contains(&event_log::seat_key(order.show_id, label)))
+        .cloned()
+        .collect();
+    Ok(Gated::Answered(
+        sales.refuse(keyed, ApiError::Unavailable { seats }).await,
     ))
 }
 

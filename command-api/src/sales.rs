@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use crate::error::ApiError;
 use crate::event_log::{self, Append, Loaded, LockWait, LogError, Versions};
 use crate::gate::SeatGate;
+use crate::group_commit::{Command, GroupCommit, Grouping, Outcome, Placement, Refusal, ReplyOf};
 use crate::idempotency::{self, Claim, Keyed};
 use crate::reply::Reply;
 
@@ -39,6 +40,8 @@ pub struct Sales {
     commits: Arc<Notify>,
     /// One booking command per seat at a time goes to Postgres from here.
     pub gate: SeatGate,
+    /// Booking commands that arrive together commit together.
+    group: Option<GroupCommit>,
 }
 
 impl Sales {
@@ -54,7 +57,123 @@ impl Sales {
             lock_wait,
             commits: Arc::default(),
             gate: SeatGate::default(),
+            group: None,
         }
+    }
+
+    /// Bookings are grouped as `grouping` says (see [`crate::group_commit`]).
+    /// Spawns the task that runs the groups.
+    #[must_use]
+    pub fn grouped(mut self, grouping: Grouping) -> Self {
+        if grouping.max > 1 {
+            self.group = Some(GroupCommit::start(
+                self.pool.clone(),
+                grouping,
+                Arc::clone(&self.commits),
+            ));
+        }
+        self
+    }
+
+    /// The answer to a request refused before its transaction: its key's
+    /// stored answer if it has one (its first request may have won the
+    /// very seats), else `refusal`, kept for the key (in a group when
+    /// grouping is on). Without a key, just `refusal`.
+    ///
+    /// # Errors
+    /// `refusal` without a key; the key's own refusals; store errors.
+    pub async fn refuse(
+        &self,
+        keyed: Option<&Keyed>,
+        refusal: ApiError,
+    ) -> Result<Reply, ApiError> {
+        let Some(keyed) = keyed else {
+            return Err(refusal);
+        };
+        let reply = refusal.to_reply();
+        if let Some(group) = &self.group {
+            let command = Command::Refuse(Refusal {
+                keyed: keyed.clone(),
+                reply: reply.clone(),
+            });
+            if let Outcome::Answered(answer) = group.submit(command).await {
+                return answer;
+            }
+        }
+        idempotency::refuse(&self.pool, keyed, &reply).await
+    }
+
+    /// For a booking that met another for its seats in this process: its
+    /// answer if a seat is someone else's as of the committed state (a
+    /// refusal, kept for its key; or the key's stored answer), `None` if it
+    /// may go on.
+    ///
+    /// # Errors
+    /// Store errors and the key's own refusals.
+    pub async fn refused_from_snapshot(
+        &self,
+        keyed: Option<&Keyed>,
+        show: &Arc<Show>,
+        order: &Order,
+        reply: &ReplyOf,
+    ) -> Result<Option<Reply>, ApiError> {
+        if let Some(group) = &self.group {
+            let check = Command::Check(Placement {
+                show: Arc::clone(show),
+                order: order.clone(),
+                keyed: keyed.cloned(),
+                reply: Arc::clone(reply),
+            });
+            match group.submit(check).await {
+                Outcome::Answered(answer) => return answer.map(Some),
+                Outcome::OnItsOwn if keyed.is_none() => return Ok(None),
+                // The key was busy: its first request is in flight.
+                Outcome::OnItsOwn => {}
+            }
+        }
+        let taken = self.taken_seats(order.show_id, &order.seats).await?;
+        if taken.is_empty() {
+            return Ok(None);
+        }
+        self.refuse(keyed, ApiError::Unavailable { seats: taken })
+            .await
+            .map(Some)
+    }
+
+    /// Places a booking: in a group when grouping is on and the group can
+    /// decide it, else on its own (with waits for its locks). `reply`
+    /// builds the answer from what was decided, either way.
+    ///
+    /// # Errors
+    /// Store errors and the key's own refusals; the box office's refusals
+    /// are answers (`Ok`), as with [`Sales::transact`].
+    pub async fn book(
+        &self,
+        keyed: Option<&Keyed>,
+        show: Arc<Show>,
+        order: Order,
+        reply: ReplyOf,
+    ) -> Result<Reply, ApiError> {
+        if let Some(group) = &self.group {
+            let placement = Placement {
+                show: Arc::clone(&show),
+                order: order.clone(),
+                keyed: keyed.cloned(),
+                reply: Arc::clone(&reply),
+            };
+            if let Outcome::Answered(answer) = group.submit(Command::Place(placement)).await {
+                return answer;
+            }
+        }
+        let lock_wait = self.lock_wait;
+        self.transact(keyed, |conn| {
+            let (show, order, reply) = (Arc::clone(&show), order.clone(), Arc::clone(&reply));
+            Box::pin(async move {
+                let decided = Self::place(conn, &show, order, lock_wait).await?;
+                reply(&decided)
+            })
+        })
+        .await
     }
 
     /// The longest a command may wait in all: for every attempt's locks.
@@ -445,7 +564,7 @@ pub enum Settle {
     Cancel,
 }
 
-fn states<K: Ord + Clone, A: Clone>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap<K, A> {
+pub(crate) fn states<K: Ord + Clone, A: Clone>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap<K, A> {
     loaded
         .iter()
         .map(|(k, l)| (k.clone(), l.state.clone()))
@@ -469,7 +588,7 @@ pub struct Order {
 
 impl Order {
     /// The box office's request, decided at `now`.
-    fn request(&self, now: Timestamp) -> BookingRequest {
+    pub(crate) fn request(&self, now: Timestamp) -> BookingRequest {
         BookingRequest {
             booking_id: self.booking_id,
             show_id: self.show_id,
@@ -483,6 +602,49 @@ impl Order {
             },
         }
     }
+}
+
+/// A booking decided from its seats alone.
+#[derive(Debug)]
+pub enum Placed {
+    /// The events to append, and the booking after them.
+    Decided {
+        /// Booking and seat events.
+        changes: domain::Changes,
+        /// The new booking.
+        booking: Booking,
+    },
+    /// A seat carries a lapsed hold: that booking and its other seats are
+    /// written too, so they must be locked first.
+    NeedsLapsedHolders,
+}
+
+/// Decides `order` at `now` from its seats (loaded under their locks).
+///
+/// # Errors
+/// The box office's refusals.
+pub(crate) fn decide_place(
+    show: &Show,
+    order: &Order,
+    seats: &BTreeMap<SeatLabel, Loaded<Seat>>,
+    now: Timestamp,
+) -> Result<Placed, ApiError> {
+    let seat_states = states(seats);
+    if !box_office::lapsed_holders(&seat_states, &order.seats, now).is_empty() {
+        return Ok(Placed::NeedsLapsedHolders);
+    }
+    let changes = box_office::place(
+        show,
+        order.request(now),
+        &Booking::default(),
+        Streams {
+            seats: &seat_states,
+            bookings: &BTreeMap::new(),
+        },
+        now,
+    )?;
+    let booking = after(&Booking::default(), order.booking_id, &changes);
+    Ok(Placed::Decided { changes, booking })
 }
 
 /// What a command decided: the booking after it, the consistency token of
@@ -553,6 +715,25 @@ async fn append_changes(
     seats: &BTreeMap<SeatLabel, Loaded<Seat>>,
     bookings: &BTreeMap<BookingId, Loaded<Booking>>,
 ) -> Result<ConsistencyToken, event_log::LogError> {
+    let token = token_for(show_id, &changes, seats, bookings);
+    let mut versions = Versions::default();
+    add_versions(&mut versions, show_id, seats, bookings);
+    let append = Append {
+        changes,
+        ..Append::default()
+    };
+    event_log::append(conn, &append, &versions).await?;
+    Ok(token)
+}
+
+/// The streams `changes` write and the sequences they reach from the
+/// versions loaded.
+pub(crate) fn token_for(
+    show_id: ShowId,
+    changes: &domain::Changes,
+    seats: &BTreeMap<SeatLabel, Loaded<Seat>>,
+    bookings: &BTreeMap<BookingId, Loaded<Booking>>,
+) -> ConsistencyToken {
     let mut token = ConsistencyToken::new(show_id);
     for (id, events) in &changes.bookings {
         let before = bookings.get(id).map_or(0, |l| l.version);
@@ -564,17 +745,24 @@ async fn append_changes(
             .seats
             .insert(id.label.clone(), reached(before, events.len()));
     }
-    let versions = Versions {
-        seats: versions(seats),
-        bookings: versions(bookings),
-        ..Versions::default()
-    };
-    let append = Append {
-        changes,
-        ..Append::default()
-    };
-    event_log::append(conn, &append, &versions).await?;
-    Ok(token)
+    token
+}
+
+/// Adds the loaded versions of one show's streams to `versions`.
+pub(crate) fn add_versions(
+    versions: &mut Versions,
+    show_id: ShowId,
+    seats: &BTreeMap<SeatLabel, Loaded<Seat>>,
+    bookings: &BTreeMap<BookingId, Loaded<Booking>>,
+) {
+    for (label, loaded) in seats {
+        versions
+            .seats
+            .insert(domain::SeatId::new(show_id, label.clone()), loaded.version);
+    }
+    for (id, loaded) in bookings {
+        versions.bookings.insert(*id, loaded.version);
+    }
 }
 
 /// The sequence a stream at `version` reaches with `appended` more events.
@@ -584,12 +772,8 @@ fn reached(version: i64, appended: usize) -> u64 {
         .saturating_add(appended as u64)
 }
 
-fn versions<K: Ord + Clone, A>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap<K, i64> {
-    loaded.iter().map(|(k, l)| (k.clone(), l.version)).collect()
-}
-
 /// The booking once the changes are applied.
-fn after(before: &Booking, booking_id: BookingId, changes: &domain::Changes) -> Booking {
+pub(crate) fn after(before: &Booking, booking_id: BookingId, changes: &domain::Changes) -> Booking {
     let mut booking = before.clone();
     for event in changes.bookings.get(&booking_id).into_iter().flatten() {
         booking.apply(event.clone());

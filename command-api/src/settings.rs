@@ -44,6 +44,20 @@ pub struct Settings {
     #[arg(long, env = "COMMAND_LOCK_WAIT_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub command_lock_wait_ms: u64,
+    /// Most booking commands decided and committed in one transaction (1:
+    /// each on its own).
+    #[arg(long, env = "COMMAND_BATCH_MAX", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub command_batch_max: u64,
+    /// How long a group of booking commands waits for more after its first,
+    /// in microseconds (0: only what is already waiting).
+    #[arg(long, env = "COMMAND_BATCH_WINDOW_US", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub command_batch_window_us: u64,
+    /// Groups of booking commands committing at once, each on a connection.
+    #[arg(long, env = "COMMAND_BATCHES", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub command_batches: u64,
     /// Run the relay to Kafka in this process (`false` when another process
     /// runs `command-api relay`; running it in several is safe either way).
     #[arg(long, env = "RELAY_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
@@ -65,5 +79,14 @@ impl Settings {
     /// The longest wait for one stream's lock.
     pub fn lock_wait(&self) -> Duration {
         Duration::from_millis(self.command_lock_wait_ms)
+    }
+
+    /// How booking commands are grouped into transactions.
+    pub fn grouping(&self) -> crate::group_commit::Grouping {
+        crate::group_commit::Grouping {
+            max: usize::try_from(self.command_batch_max).unwrap_or(1),
+            window: Duration::from_micros(self.command_batch_window_us),
+            concurrent: usize::try_from(self.command_batches).unwrap_or(1),
+        }
     }
 }

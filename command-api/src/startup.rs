@@ -136,7 +136,8 @@ impl App {
             settings.hold_for(),
             settings.command_attempts,
             settings.lock_wait(),
-        );
+        )
+        .grouped(settings.grouping());
         // Kafka is not needed to take commands: the relay connects, and
         // reconnects, on its own. It is woken by this process' commits and
         // polls for those of others.

@@ -80,6 +80,9 @@ async fn main() -> anyhow::Result<()> {
         idempotency_keep_hours: 24,
         command_attempts: 8,
         command_lock_wait_ms: 250,
+        command_batch_max: 64,
+        command_batch_window_us: 1000,
+        command_batches: 2,
         relay_enabled: true,
         relay: command_api::relay::RelaySettings {
             kafka_brokers: ticketing_tests::kafka_brokers(),
