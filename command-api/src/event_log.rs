@@ -91,7 +91,8 @@ fn conflict_or(error: sqlx::Error) -> LogError {
 pub enum LockWait {
     /// Not at all: every lock at once, or none.
     Never,
-    /// At most this long for each lock, then [`LogError::LockTimeout`].
+    /// At most this long for all the locks together, then
+    /// [`LogError::LockTimeout`].
     Upto(std::time::Duration),
 }
 
@@ -225,19 +226,48 @@ pub fn booking_key(booking_id: BookingId) -> i64 {
     stream_key(Booking::TYPE, &booking_id.to_string())
 }
 
-/// Tries the locks of `keys` (held until the transaction ends), waiting for
-/// none: which were taken, key by key. A lock this transaction already
-/// holds counts as taken.
+/// A lock a command takes: a stream's, in the one-key advisory lock space,
+/// or an idempotency key's, in the two-key space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockKey {
+    /// A stream's lock.
+    Stream(i64),
+    /// An idempotency key's lock.
+    Key(i32, i32),
+}
+
+/// Tries `locks` (held until the transaction ends), waiting for none:
+/// which were taken, lock by lock. A lock this transaction already holds
+/// counts as taken.
 ///
 /// # Errors
 /// [`LogError::Database`].
-pub async fn try_locks(conn: &mut PgConnection, keys: &[i64]) -> Result<Vec<bool>, LogError> {
+pub async fn try_locks(conn: &mut PgConnection, locks: &[LockKey]) -> Result<Vec<bool>, LogError> {
+    let (mut streams, mut highs, mut lows) = (Vec::new(), Vec::new(), Vec::new());
+    for lock in locks {
+        match *lock {
+            LockKey::Stream(key) => {
+                streams.push(Some(key));
+                highs.push(None);
+                lows.push(None);
+            }
+            LockKey::Key(high, low) => {
+                streams.push(None);
+                highs.push(Some(high));
+                lows.push(Some(low));
+            }
+        }
+    }
     Ok(sqlx::query_scalar(
-        "SELECT pg_try_advisory_xact_lock(k)
-           FROM unnest($1::bigint[]) WITH ORDINALITY AS u(k, i)
+        "SELECT CASE WHEN k IS NOT NULL THEN pg_try_advisory_xact_lock(k)
+                     ELSE pg_try_advisory_xact_lock(high, low) END
+           FROM unnest($1::bigint[], $2::integer[], $3::integer[]) WITH ORDINALITY
+                AS u(k, high, low, i)
           ORDER BY i",
     )
-    .bind(keys)
+    .bind(streams)
+    .bind(highs)
+    .bind(lows)
     .fetch_all(conn)
     .await?)
 }

@@ -87,9 +87,10 @@ pub enum Claim {
 /// after a wait, store errors otherwise.
 pub async fn claim(conn: &mut PgConnection, keyed: &Keyed) -> Result<Claim, ApiError> {
     let stored = sqlx::query(
-        "SELECT request, status, headers, body FROM claim_idempotency_key($1, $2, $3, $4)",
+        "SELECT request, status, headers, body FROM claim_idempotency_key($1, $2, $3, $4, $5)",
     )
-    .bind(keyed.lock_key())
+    .bind(keyed.lock_key().0)
+    .bind(keyed.lock_key().1)
     .bind(IN_FLIGHT_WAIT_MS)
     .bind(keyed.route)
     .bind(&keyed.key)
@@ -112,9 +113,10 @@ pub async fn claim(conn: &mut PgConnection, keyed: &Keyed) -> Result<Claim, ApiE
 pub async fn refuse(pool: &PgPool, keyed: &Keyed, refusal: &Reply) -> Result<Reply, ApiError> {
     let row = sqlx::query(
         "SELECT request, status, headers, body
-           FROM refuse_with_idempotency_key($1, $2, $3, $4, $5, $6, $7, $8)",
+           FROM refuse_with_idempotency_key($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
-    .bind(keyed.lock_key())
+    .bind(keyed.lock_key().0)
+    .bind(keyed.lock_key().1)
     .bind(IN_FLIGHT_WAIT_MS)
     .bind(keyed.route)
     .bind(&keyed.key)
@@ -128,7 +130,7 @@ pub async fn refuse(pool: &PgPool, keyed: &Keyed, refusal: &Reply) -> Result<Rep
     keyed.replay(&row)
 }
 
-/// The stored answers of `keys`, by lock key, read in the caller's
+/// The stored answers of `keys`, by route and key, read in the caller's
 /// transaction (which holds the keys' locks).
 ///
 /// # Errors
@@ -136,7 +138,7 @@ pub async fn refuse(pool: &PgPool, keyed: &Keyed, refusal: &Reply) -> Result<Rep
 pub async fn stored_answers(
     conn: &mut PgConnection,
     keys: &[&Keyed],
-) -> Result<HashMap<i64, PgRow>, ApiError> {
+) -> Result<HashMap<(String, String), PgRow>, ApiError> {
     if keys.is_empty() {
         return Ok(HashMap::new());
     }
@@ -154,7 +156,7 @@ pub async fn stored_answers(
     for row in rows {
         let route: String = row.try_get("route")?;
         let key: String = row.try_get("key")?;
-        stored.insert(crate::event_log::stream_key(&route, &key), row);
+        stored.insert((route, key), row);
     }
     Ok(stored)
 }
@@ -168,9 +170,18 @@ fn in_flight_or(error: sqlx::Error) -> ApiError {
 }
 
 impl Keyed {
-    /// The key's advisory lock.
-    pub(crate) fn lock_key(&self) -> i64 {
-        crate::event_log::stream_key(self.route, &self.key)
+    /// The key's advisory lock, in the two-key space (which never meets
+    /// the stream locks' one-key space).
+    pub fn lock_key(&self) -> (i32, i32) {
+        let hash = crate::event_log::stream_key(self.route, &self.key).to_be_bytes();
+        let half =
+            |at: usize| i32::from_be_bytes([hash[at], hash[at + 1], hash[at + 2], hash[at + 3]]);
+        (half(0), half(4))
+    }
+
+    /// The route and key, which name its stored answer.
+    pub(crate) fn name(&self) -> (&'static str, &str) {
+        (self.route, &self.key)
     }
 
     /// The stored answer of `row`, for this request.

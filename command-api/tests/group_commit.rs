@@ -27,7 +27,8 @@ async fn transactions(app: &TestApp) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// Sales over `app`'s database whose groups wait `window` for more.
+/// Sales over `app`'s database whose groups wait `window` for more, two
+/// groups at once (the default).
 fn grouped(app: &TestApp, window: Duration) -> Sales {
     Sales::new(
         app.db.pool.clone(),
@@ -38,7 +39,7 @@ fn grouped(app: &TestApp, window: Duration) -> Sales {
     .grouped(Grouping {
         max: 64,
         window,
-        concurrent: 1,
+        concurrent: 2,
     })
 }
 
@@ -122,6 +123,57 @@ async fn commands_for_one_seat_in_one_group_are_decided_in_arrival_order() -> an
     ensure!(
         transactions(&app).await? == 1,
         "the two bookings were meant to commit together"
+    );
+    app.stop().await
+}
+
+/// A chain across a group: the second command shares a seat with the
+/// first, the third only with the second. The first is refused (a seat of
+/// it was sold before), so the second wins its seats, and the third, which
+/// arrived after the second, must lose to it rather than overtake it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_deferred_in_a_group_is_not_overtaken_by_a_later_one() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let show_id = new_show(&app, 4).await?;
+    let sales = grouped(&app, Duration::from_millis(100));
+    let show = sales.show(show_id).await?;
+    let sold = sales
+        .book(
+            None,
+            Arc::clone(&show),
+            order(show_id, &["A2"])?,
+            reply_of(),
+        )
+        .await?;
+    ensure!(sold.status == StatusCode::CREATED, "{sold:?}");
+    let (first, second, third) = (
+        order(show_id, &["A1", "A2"])?,
+        order(show_id, &["A1", "A3"])?,
+        order(show_id, &["A3"])?,
+    );
+    let second_id = second.booking_id;
+    let (a, b, c) = tokio::join!(
+        sales.book(None, Arc::clone(&show), first, reply_of()),
+        async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            sales
+                .book(None, Arc::clone(&show), second, reply_of())
+                .await
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            sales.book(None, Arc::clone(&show), third, reply_of()).await
+        },
+    );
+    let (a, b, c) = (a?, b?, c?);
+    ensure!(a.status == StatusCode::CONFLICT, "first: {a:?}");
+    ensure!(b.status == StatusCode::CREATED, "second: {b:?}");
+    ensure!(c.status == StatusCode::CONFLICT, "third: {c:?}");
+    let summary = check_log(&app.db.pool).await?;
+    ensure!(
+        summary.owned_by(second_id) == ["A1", "A3"].map(String::from).into(),
+        "{:?}",
+        summary.owned_by(second_id)
     );
     app.stop().await
 }
@@ -211,5 +263,37 @@ async fn a_keys_first_answer_is_replayed_from_within_a_group() -> anyhow::Result
     ensure!(retry.body == first.body, "{retry:?} after {first:?}");
     let summary = check_log(&app.db.pool).await?;
     ensure!(summary.bookings.len() == 1);
+    app.stop().await
+}
+
+/// A booking run again after its group's commit reported an error that took
+/// effect (the same booking id) is answered as it stands, not placed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_run_again_after_it_committed_is_not_placed_twice() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let show_id = new_show(&app, 4).await?;
+    let sales = grouped(&app, Duration::from_millis(1));
+    let show = sales.show(show_id).await?;
+    let placed = order(show_id, &["A1", "A2"])?;
+    let wait = Duration::from_millis(250);
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let mut tx = app.db.pool.begin().await?;
+        let decided = Sales::place(&mut tx, &show, placed.clone(), wait, false).await?;
+        tx.commit().await?;
+        answers.push(decided);
+    }
+    ensure!(
+        answers[0].booking == answers[1].booking,
+        "{:?} then {:?}",
+        answers[0].booking,
+        answers[1].booking
+    );
+    let placements: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'BookingPlaced'")
+            .fetch_one(&app.db.pool)
+            .await?;
+    ensure!(placements == 1, "{placements} placements of one booking");
+    check_log(&app.db.pool).await?;
     app.stop().await
 }
