@@ -15,6 +15,9 @@ pub struct Reply {
     pub headers: HeaderMap,
     /// JSON body.
     pub body: Vec<u8>,
+    /// A stored first answer given again (an `Idempotency-Key` retry), not
+    /// a decision just made.
+    pub replayed: bool,
 }
 
 impl Reply {
@@ -41,6 +44,7 @@ impl Reply {
             // Serializing our own response types cannot fail (no maps with
             // non-string keys); an empty body would still be a valid answer.
             body: serde_json::to_vec(body).unwrap_or_default(),
+            replayed: false,
         }
     }
 
@@ -74,6 +78,7 @@ impl Reply {
             status: StatusCode::from_u16(status).ok()?,
             headers: map,
             body,
+            replayed: true,
         })
     }
 }

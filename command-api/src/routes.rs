@@ -257,8 +257,11 @@ pub async fn place_booking(
         );
         return sales.refuse(keyed.as_ref(), refusal).await;
     }
-    // Refusals that no state can change come before any wait.
-    Sales::check(&show, &order)?;
+    // Refusals that no state can change come before any wait (and are kept
+    // for the key as any first answer).
+    if let Err(refusal) = Sales::check(&show, &order) {
+        return sales.refuse(keyed.as_ref(), refusal).await;
+    }
     let reply_of: ReplyOf = Arc::new(|decided: &Decided| {
         let view = BookingView::of(&decided.booking, decided.now)?;
         let mut reply = Reply::json(StatusCode::CREATED, &view);
@@ -271,7 +274,9 @@ pub async fn place_booking(
         Gated::Answered(answer) => return answer,
     };
     let reply = sales.book(keyed.as_ref(), show, order, reply_of).await?;
-    if reply.status == StatusCode::CREATED {
+    // Only a decision just made took the seats now; a replayed 201 tells of
+    // one made long ago (the seats may be free again since).
+    if reply.status == StatusCode::CREATED && !reply.replayed {
         pass.took();
     }
     Ok(reply)

@@ -166,10 +166,13 @@ impl Sales {
             }
         }
         let lock_wait = self.lock_wait;
+        let mut attempts = 0;
         self.transact(keyed, |conn| {
             let (show, order, reply) = (Arc::clone(&show), order.clone(), Arc::clone(&reply));
+            attempts += 1;
+            let patient = attempts > 1;
             Box::pin(async move {
-                let decided = Self::place(conn, &show, order, lock_wait).await?;
+                let decided = Self::place(conn, &show, order, lock_wait, patient).await?;
                 reply(&decided)
             })
         })
@@ -332,7 +335,15 @@ impl Sales {
     /// snapshot. Otherwise it locks every stream it will write (the seats,
     /// the new booking, and any booking whose lapsed hold it replaces with
     /// all of that booking's seats), reloads them, and decides at a "now"
-    /// taken once the locks are held.
+    /// taken once the locks are held. `patient` (a later attempt) skips the
+    /// first try at taking the requested locks at once and waits, in one
+    /// ordered acquisition, for all of them, the lapsed holders' included:
+    /// two buyers of two seats of one lapsed hold would otherwise each take
+    /// one seat, fail to take the other, and start over forever.
+    ///
+    /// A booking whose stream already exists (the command ran before, in a
+    /// group whose commit reported an error but took effect) is answered as
+    /// it stands, not placed twice.
     ///
     /// # Errors
     /// The box office's refusals and store errors;
@@ -342,64 +353,90 @@ impl Sales {
         show: &Show,
         order: Order,
         lock_wait: Duration,
+        patient: bool,
     ) -> Result<Decided, ApiError> {
         let show_id = order.show_id;
         let booking_id = order.booking_id;
         // Checked before any lock, so bad requests never queue behind buyers.
         Self::check(show, &order)?;
         let before = Self::now();
-        let first =
-            event_log::lock_and_load(conn, show_id, &order.seats, &[booking_id], LockWait::Never)
-                .await?;
-        let (mut streams, held) = if first.locked {
-            let held = Held {
-                seats: order.seats.iter().cloned().collect(),
-                bookings: BTreeSet::from([booking_id]),
-            };
-            (first, held)
+        let at_once = if patient {
+            None
         } else {
-            let taken: Vec<SeatLabel> = order
-                .seats
-                .iter()
-                .filter(|label| {
-                    first
-                        .seats
-                        .get(*label)
-                        .and_then(|seat| seat.state.owner_at(before))
-                        .is_some_and(|owner| owner != booking_id)
-                })
-                .cloned()
-                .collect();
-            if !taken.is_empty() {
-                return Err(ApiError::Unavailable { seats: taken });
-            }
-            // Contended but free as of the snapshot: wait for every lock,
-            // the lapsed holders' too, in one ordered acquisition.
-            let holders: Vec<BookingId> =
-                box_office::lapsed_holders(&states(&first.seats), &order.seats, before)
-                    .into_iter()
-                    .collect();
-            let mut seats = order.seats.clone();
-            seats.extend(holder_seats(conn, &holders, &seats).await?);
-            let bookings: Vec<BookingId> = std::iter::once(booking_id).chain(holders).collect();
-            let streams = event_log::lock_and_load(
-                conn,
-                show_id,
-                &seats,
-                &bookings,
-                LockWait::Upto(lock_wait),
+            Some(
+                event_log::lock_and_load(
+                    conn,
+                    show_id,
+                    &order.seats,
+                    &[booking_id],
+                    LockWait::Never,
+                )
+                .await?,
             )
-            .await?;
-            let held = Held {
-                seats: seats.into_iter().collect(),
-                bookings: bookings.into_iter().collect(),
-            };
-            (streams, held)
+        };
+        let (mut streams, held) = match at_once {
+            Some(first) if first.locked => {
+                let held = Held {
+                    seats: order.seats.iter().cloned().collect(),
+                    bookings: BTreeSet::from([booking_id]),
+                };
+                (first, held)
+            }
+            at_once => {
+                let snapshot = match at_once {
+                    Some(first) => first.seats,
+                    None => event_log::load_seats(conn, show_id, &order.seats).await?,
+                };
+                let taken: Vec<SeatLabel> = order
+                    .seats
+                    .iter()
+                    .filter(|label| {
+                        snapshot
+                            .get(*label)
+                            .and_then(|seat| seat.state.owner_at(before))
+                            .is_some_and(|owner| owner != booking_id)
+                    })
+                    .cloned()
+                    .collect();
+                if !taken.is_empty() {
+                    return Err(ApiError::Unavailable { seats: taken });
+                }
+                // Free as of the snapshot: wait for every lock, the lapsed
+                // holders' too, in one ordered acquisition.
+                let holders: Vec<BookingId> =
+                    box_office::lapsed_holders(&states(&snapshot), &order.seats, before)
+                        .into_iter()
+                        .collect();
+                let mut seats = order.seats.clone();
+                seats.extend(holder_seats(conn, &holders, &seats).await?);
+                let bookings: Vec<BookingId> = std::iter::once(booking_id).chain(holders).collect();
+                let streams = event_log::lock_and_load(
+                    conn,
+                    show_id,
+                    &seats,
+                    &bookings,
+                    LockWait::Upto(lock_wait),
+                )
+                .await?;
+                let held = Held {
+                    seats: seats.into_iter().collect(),
+                    bookings: bookings.into_iter().collect(),
+                };
+                (streams, held)
+            }
         };
         let now = Self::now();
+        if let Some(existing) = streams.bookings.get(&booking_id) {
+            return Ok(Decided {
+                booking: existing.state.clone(),
+                token: standing(show_id, booking_id, &order.seats, &streams),
+                now,
+            });
+        }
         // Holds that lapsed since the snapshot: their bookings and seats are
         // written too, so they are locked too, without waiting (a lock held
-        // out of order could deadlock); if one is busy, start over.
+        // out of order could deadlock); if one is busy, start over, then
+        // patiently.
         let holders: Vec<BookingId> =
             box_office::lapsed_holders(&states(&streams.seats), &order.seats, now)
                 .into_iter()
@@ -724,6 +761,30 @@ async fn append_changes(
     };
     event_log::append(conn, &append, &versions).await?;
     Ok(token)
+}
+
+/// The token of a booking as it stands: its stream and its seats' at the
+/// versions loaded.
+fn standing(
+    show_id: ShowId,
+    booking_id: BookingId,
+    labels: &[SeatLabel],
+    streams: &event_log::ShowStreams,
+) -> ConsistencyToken {
+    let mut token = ConsistencyToken::new(show_id);
+    if let Some(booking) = streams.bookings.get(&booking_id) {
+        token
+            .bookings
+            .insert(booking_id, u64::try_from(booking.version).unwrap_or(0));
+    }
+    for label in labels {
+        if let Some(seat) = streams.seats.get(label) {
+            token
+                .seats
+                .insert(label.clone(), u64::try_from(seat.version).unwrap_or(0));
+        }
+    }
+    token
 }
 
 /// The streams `changes` write and the sequences they reach from the

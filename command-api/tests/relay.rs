@@ -160,6 +160,7 @@ async fn an_event_that_commits_late_is_published_after_the_earlier_commit_and_no
             hold_for: None,
         },
         wait,
+        false,
     )
     .await?;
     // ...while B, later in every respect, commits first.

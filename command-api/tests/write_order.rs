@@ -236,6 +236,7 @@ async fn a_confirm_that_loses_its_lapsed_hold_meanwhile_is_a_409_expired() -> an
             hold_for: None,
         },
         wait,
+        false,
     )
     .await?;
     // ...while the holder confirms, reading its booking as still held.
@@ -287,7 +288,9 @@ async fn sweepers_skip_holds_in_use_and_share_the_rest() -> anyhow::Result<()> {
         );
     }
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let wait = Duration::from_millis(250);
+    // A lock wait far beyond the bound below: a sweeper that waited for the
+    // buyer at all would blow it.
+    let wait = Duration::from_secs(30);
     let sales = Sales::new(app.db.pool.clone(), Duration::from_secs(1), 8, wait);
 
     // A buyer is working on the first hold's seat.
@@ -454,5 +457,155 @@ async fn refusals_without_a_lock_are_kept_for_their_keys() -> anyhow::Result<()>
         }
     }
     check_log(&app.db.pool).await?;
+    app.stop().await
+}
+
+/// A buyer of one seat of a lapsed two-seat hold while another buyer is
+/// deciding on the other seat: the first takes its own seat, then finds the
+/// other seat (which expiring the hold releases) locked. Starting over the
+/// same way would find it so again, every attempt, until 503; a later
+/// attempt waits for all the locks in order instead, and gets the seat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_of_a_seat_of_a_lapsed_hold_waits_for_the_other_seats_buyer() -> anyhow::Result<()>
+{
+    let app = TestApp::spawn_with(1).await?;
+    let show_id = small_show(&app, 2).await?;
+    let (status, body) = app
+        .post("/bookings", &booking(&show_id, &["A1", "A2"], true))
+        .await?;
+    ensure!(status == 201, "{body}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The other buyer, deciding on A2 for a while.
+    let mut other = app.db.pool.begin().await?;
+    let locked = event_log::lock_and_load(
+        &mut other,
+        show_id.parse()?,
+        &["A2".parse::<SeatLabel>()?],
+        &[],
+        LockWait::Never,
+    )
+    .await?;
+    ensure!(locked.locked);
+    let buyer = {
+        let (client, base) = (app.client.clone(), app.base.clone());
+        let body = booking(&show_id, &["A1"], false);
+        tokio::spawn(async move {
+            let answer = client
+                .post(format!("{base}/bookings"))
+                .json(&body)
+                .send()
+                .await?;
+            let status = answer.status().as_u16();
+            anyhow::Ok((status, answer.json::<Value>().await?))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    other.rollback().await?;
+    let (status, answer) = buyer.await??;
+    ensure!(status == 201, "the buyer of A1 got {status} {answer}");
+    let (status, body) = app
+        .post("/bookings", &booking(&show_id, &["A2"], false))
+        .await?;
+    ensure!(
+        status == 201,
+        "the seat the hold had besides: {status} {body}"
+    );
+    check_log(&app.db.pool).await?;
+    ensure!(streams_out_of_order(&app.db.pool).await?.is_empty());
+    app.stop().await
+}
+
+/// A keyed retry whose first answer was a 201 replays it; that is no news
+/// of the seat being taken now (the booking was cancelled since), so a
+/// buyer waiting for the seat meanwhile still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_answer_does_not_make_waiting_buyers_think_the_seat_was_just_taken(
+) -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let show_id = small_show(&app, 2).await?;
+    let body = booking(&show_id, &["A1"], false);
+    let (status, first) = app.post_with("/bookings", &body, Some("replayed")).await?;
+    ensure!(status == 201, "{first}");
+    let id = first["booking_id"]
+        .as_str()
+        .context("booking_id")?
+        .to_owned();
+    let (status, _) = app
+        .post(&format!("/bookings/{id}/cancel"), &json!({}))
+        .await?;
+    ensure!(status == 200);
+    // Hold the key's lock, so that the retry waits with the seat's pass.
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(
+        "idempotency-key",
+        axum::http::HeaderValue::from_static("replayed"),
+    );
+    let parsed: command_api::routes::NewBooking = serde_json::from_value(body.clone())?;
+    let keyed = command_api::idempotency::Keyed::from_headers(&headers, "POST /bookings", &parsed)?
+        .context("a key")?;
+    let (high, low) = keyed.lock_key();
+    let mut holder = app.db.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(high)
+        .bind(low)
+        .execute(&mut *holder)
+        .await?;
+    let retry = {
+        let (client, base, body) = (app.client.clone(), app.base.clone(), body.clone());
+        tokio::spawn(async move {
+            let answer = client
+                .post(format!("{base}/bookings"))
+                .header("Idempotency-Key", "replayed")
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::Ok(answer.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let buyer = {
+        let (client, base, body) = (
+            app.client.clone(),
+            app.base.clone(),
+            booking(&show_id, &["A1"], false),
+        );
+        tokio::spawn(async move {
+            let answer = client
+                .post(format!("{base}/bookings"))
+                .json(&body)
+                .send()
+                .await?;
+            let status = answer.status().as_u16();
+            anyhow::Ok((status, answer.json::<Value>().await?))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.commit().await?;
+    ensure!(retry.await?? == 201, "the retry replays its first answer");
+    let (status, answer) = buyer.await??;
+    ensure!(status == 201, "the waiting buyer got {status} {answer}");
+    check_log(&app.db.pool).await?;
+    app.stop().await
+}
+
+/// A key whose first answer was a 422 decided before any lock keeps it: the
+/// same key with another body is 422 for the key, not a booking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_first_answer_is_kept_even_when_it_is_an_early_422() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let show_id = small_show(&app, 4).await?;
+    let twice = booking(&show_id, &["A1", "A1"], false);
+    let (status, first) = app.post_with("/bookings", &twice, Some("early")).await?;
+    ensure!(status == 422, "{first}");
+    let (status, again) = app.post_with("/bookings", &twice, Some("early")).await?;
+    ensure!(status == 422 && again == first, "{again}");
+    let other = booking(&show_id, &["A2"], false);
+    let (status, body) = app.post_with("/bookings", &other, Some("early")).await?;
+    ensure!(
+        status == 422 && body["type"] == "/problems/idempotency-key-reused",
+        "{status} {body}"
+    );
+    let summary = check_log(&app.db.pool).await?;
+    ensure!(summary.bookings.is_empty());
     app.stop().await
 }
