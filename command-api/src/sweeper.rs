@@ -57,6 +57,14 @@ pub async fn expire_lapsed(sales: &Sales) -> Result<usize, ApiError> {
         .await?;
         let listed = due.len();
         let mut this_round = 0;
+        // Each instance starts somewhere else in the list, so that several
+        // sweeping at once mostly meet different holds.
+        let mut due = due;
+        if !due.is_empty() {
+            let start =
+                usize::try_from(uuid::Uuid::new_v4().as_u128() % due.len() as u128).unwrap_or(0);
+            due.rotate_left(start);
+        }
         for id in due {
             match expire_one(sales, BookingId::from_uuid(id)).await {
                 Ok(true) => this_round += 1,
@@ -83,6 +91,9 @@ async fn expire_one(sales: &Sales, booking_id: BookingId) -> Result<bool, ApiErr
         .map_err(crate::event_log::LogError::Unreachable)?;
     let expired = Sales::expire(&mut tx, booking_id).await?;
     tx.commit().await?;
+    if expired {
+        sales.commits().notify_one();
+    }
     Ok(expired)
 }
 
