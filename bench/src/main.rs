@@ -367,6 +367,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         ledger: Shared::default(),
         probes: AtomicUsize::new(0),
     });
+    let http_floor = http_floor(&scenario).await?;
     let barrier = Arc::new(tokio::sync::Barrier::new(scenario.clients));
     let deadline = Duration::from_secs(scenario.seconds);
     let started = Instant::now();
@@ -428,7 +429,42 @@ async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         read_side_mismatched_seats: mismatched,
         read_side_caught_up_ms: caught_up.as_secs_f64() * 1e3,
         freshness_ms: Percentiles::of(&ledger.freshness),
+        http_floor_ms: Percentiles::of(&http_floor),
     })
+}
+
+/// The latencies of `clients` simultaneous `GET /healthz`, released
+/// together as the buyers are, each on a new connection as theirs are: the
+/// floor under every figure of the run.
+async fn http_floor(scenario: &Scenario) -> anyhow::Result<Vec<Duration>> {
+    // A client of its own, so that the buyers' connections start cold.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(scenario.clients)
+        .build()?;
+    let barrier = Arc::new(tokio::sync::Barrier::new(scenario.clients));
+    let url = format!("{}/healthz", scenario.command_url);
+    let probes: Vec<_> = (0..scenario.clients)
+        .map(|_| {
+            let (barrier, http, url) = (Arc::clone(&barrier), http.clone(), url.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let started = Instant::now();
+                let answer = http.get(&url).send().await?;
+                ensure!(
+                    answer.status().is_success(),
+                    "GET /healthz: {}",
+                    answer.status()
+                );
+                anyhow::Ok(started.elapsed())
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(probes.len());
+    for probe in futures::future::join_all(probes).await {
+        latencies.push(probe??);
+    }
+    Ok(latencies)
 }
 
 #[tokio::main]

@@ -125,6 +125,10 @@ pub struct Report {
     pub read_side_mismatched_seats: u64,
     pub read_side_caught_up_ms: f64,
     pub freshness_ms: Percentiles,
+    /// The baseline of the same run: as many simultaneous `GET /healthz` as
+    /// there are clients, each on its own connection: HTTP and this
+    /// machine's scheduling, with no booking work at all.
+    pub http_floor_ms: Percentiles,
 }
 
 impl Report {
@@ -151,6 +155,12 @@ impl Report {
             self.bookings_created,
             self.conflicts,
             self.conflict_rate * 100.0
+        );
+        let h = &self.http_floor_ms;
+        let _ = writeln!(
+            out,
+            "  http floor, {} simultaneous GET /healthz: p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            h.count, h.p50, h.p95, h.p99, h.max
         );
         for (kind, p) in &self.latency_ms {
             let _ = writeln!(
