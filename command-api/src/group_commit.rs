@@ -3,8 +3,9 @@
 //! group instead of five or six for each command.
 //!
 //! A group is gathered for at most `COMMAND_BATCH_WINDOW_US` after its first
-//! command, or until `COMMAND_BATCH_MAX` wait; while one group runs, the
-//! next gathers what arrives meanwhile. Then, in one transaction:
+//! command, or until `COMMAND_BATCH_MAX` wait, when another group is in
+//! flight; with none, it goes at once with whatever is queued. While the
+//! groups run, the next gathers what arrives meanwhile. Then, in one transaction:
 //!
 //! 1. every lock of every command (seats, the new booking, its idempotency
 //!    key) is tried at once, never waited for, so a group can never wait
@@ -100,6 +101,10 @@ pub struct Grouping {
     pub window: Duration,
     /// Groups running at once (each on one connection).
     pub concurrent: usize,
+    /// Whether a group waits out the window even with no other group in
+    /// flight. Off in the service (a buyer alone never waits); on where
+    /// commands must be gathered deterministically.
+    pub wait_when_idle: bool,
 }
 
 struct Job {
@@ -158,11 +163,19 @@ async fn gather(
                 None => return,
             }
         }
+        // With no other group in flight nothing is arriving faster than one
+        // transaction takes, so the group goes at once with what is queued:
+        // a buyer alone never waits for the window (measured: one client's
+        // p50 rose from 1.8 to 4.5 ms when every group waited it out, the
+        // timer's millisecond granularity on top of the window).
+        let idle = !grouping.wait_when_idle
+            && running.available_permits() + 1 >= grouping.concurrent.max(1);
         let deadline = tokio::time::Instant::now() + grouping.window;
         while group.len() < grouping.max {
             match jobs.try_recv() {
                 Ok(job) => group.push(job),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if idle => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     match tokio::time::timeout_at(deadline, jobs.recv()).await {
                         Ok(Some(job)) => group.push(job),

@@ -87,6 +87,7 @@ impl Settings {
             max: usize::try_from(self.command_batch_max).unwrap_or(1),
             window: Duration::from_micros(self.command_batch_window_us),
             concurrent: usize::try_from(self.command_batches).unwrap_or(1),
+            wait_when_idle: false,
         }
     }
 }

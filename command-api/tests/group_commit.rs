@@ -27,8 +27,8 @@ async fn transactions(app: &TestApp) -> anyhow::Result<i64> {
     .await?)
 }
 
-/// Sales over `app`'s database whose groups wait `window` for more, two
-/// groups at once (the default).
+/// Sales over `app`'s database whose groups wait `window` for more, even
+/// when no other group is in flight, two groups at once (the default).
 fn grouped(app: &TestApp, window: Duration) -> Sales {
     Sales::new(
         app.db.pool.clone(),
@@ -40,6 +40,7 @@ fn grouped(app: &TestApp, window: Duration) -> Sales {
         max: 64,
         window,
         concurrent: 2,
+        wait_when_idle: true,
     })
 }
 
