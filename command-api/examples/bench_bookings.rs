@@ -37,6 +37,10 @@ struct Args {
     /// baseline's pool.
     #[arg(long, default_value_t = 16)]
     connections: u32,
+    /// Most booking commands in one transaction (`COMMAND_BATCH_MAX`; 1:
+    /// each on its own, as before group commit).
+    #[arg(long, default_value_t = 64)]
+    batch_max: u64,
 }
 
 /// Row names of the benchmark show: one row per client.
@@ -45,9 +49,10 @@ fn row_name(n: usize) -> String {
     format!("{}{}", letter(n / 26), letter(n))
 }
 
-/// Seats per row: as many as a show may have, shared out.
+/// Seats per row: as many as a show may have, shared out, and enough that
+/// one client alone does not sell its row out within a round.
 fn seats_per_row(clients: usize) -> usize {
-    (100_000 / clients.max(1)).min(2_000)
+    (100_000 / clients.max(1)).min(20_000)
 }
 
 /// A fresh show with a row per client: every round books from empty rows,
@@ -170,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
         .context("Postgres (run `make up`)")?;
     let mut settings: Settings = test_settings(db.url());
     settings.max_connections = args.connections;
+    settings.command_batch_max = args.batch_max;
     let app = App::build(settings).await?;
     let base = format!("http://{}", app.addr()?);
     let stop = CancellationToken::new();
@@ -225,8 +231,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let (b, s) = (&baseline, &service);
     println!(
-        "\n{} clients, {} rounds of {} s, medians:",
-        args.clients, args.rounds, args.seconds
+        "\n{} clients, {} rounds of {} s, COMMAND_BATCH_MAX {}, medians:",
+        args.clients, args.rounds, args.seconds, args.batch_max
     );
     println!(
         "bare Postgres transaction per booking: {:8.0} tx/s   p50 {:6.2} ms   p99 {:6.2} ms",
