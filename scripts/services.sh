@@ -26,6 +26,17 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ticketing
 export COMMAND_API_ADDR=${COMMAND_API_ADDR:-127.0.0.1:8081}
 export QUERY_API_ADDR=${QUERY_API_ADDR:-127.0.0.1:8082}
 export PROJECTOR_ADDR=${PROJECTOR_ADDR:-127.0.0.1:8083}
+# command-api signs consistency tokens and query-api checks them with one
+# shared secret: generated once per machine (in .data/, never committed)
+# unless the environment brings its own.
+if [[ -z ${CONSISTENCY_KEY:-} ]]; then
+  mkdir -p "$ROOT/.data"
+  if [[ ! -s $ROOT/.data/consistency-key ]]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ROOT/.data/consistency-key")
+  fi
+  CONSISTENCY_KEY=$(cat "$ROOT/.data/consistency-key")
+fi
+export CONSISTENCY_KEY
 COMMAND_URL="http://$COMMAND_API_ADDR"
 QUERY_URL="http://$QUERY_API_ADDR"
 PROJECTOR_URL="http://$PROJECTOR_ADDR"

@@ -282,6 +282,7 @@ fn test_settings(database_url: String) -> Settings {
             relay_standby_poll_ms: 1000,
             relay_ack_timeout_ms: 15_000,
         },
+        consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
         log_json: false,
     }
 }

@@ -5,9 +5,8 @@ use axum::extract::{FromRequest, Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::Extension;
 use domain::{
-    Booking, BookingId, BookingState, Cents, ConsistencyToken, Row, RowName, SeatLabel, SeatMap,
-    Section, SectionName, ShowDetails, ShowId, ShowName, Timestamp, UserId, VenueName,
-    CONSISTENCY_HEADER,
+    Booking, BookingId, BookingState, Cents, Row, RowName, SeatLabel, SeatMap, Section,
+    SectionName, ShowDetails, ShowId, ShowName, Timestamp, UserId, VenueName, CONSISTENCY_HEADER,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -116,9 +115,10 @@ pub async fn create_show(
 ) -> Result<Reply, ApiError> {
     let keyed = Keyed::from_headers(&headers, "POST /shows", &body)?;
     let details = body.into_details(ShowId::from_uuid(uuid::Uuid::new_v4()))?;
+    let signer = sales.clone();
     sales
         .transact(keyed.as_ref(), |conn| {
-            let details = details.clone();
+            let (details, signer) = (details.clone(), signer.clone());
             Box::pin(async move {
                 let created = ShowCreated {
                     show_id: details.show_id.to_string(),
@@ -127,7 +127,7 @@ pub async fn create_show(
                 let token = Sales::create_show(conn, details).await?;
                 let mut reply = Reply::json(StatusCode::CREATED, &created);
                 reply.header(header::LOCATION, location("shows", &created.show_id));
-                with_token(&mut reply, &token);
+                with_token(&mut reply, &signer.signed(&token));
                 Ok(reply)
             })
         })
@@ -262,11 +262,12 @@ pub async fn place_booking(
     if let Err(refusal) = Sales::check(&show, &order) {
         return sales.refuse(keyed.as_ref(), refusal).await;
     }
-    let reply_of: ReplyOf = Arc::new(|decided: &Decided| {
+    let signer = sales.clone();
+    let reply_of: ReplyOf = Arc::new(move |decided: &Decided| {
         let view = BookingView::of(&decided.booking, decided.now)?;
         let mut reply = Reply::json(StatusCode::CREATED, &view);
         reply.header(header::LOCATION, location("bookings", &view.booking_id));
-        with_token(&mut reply, &decided.token);
+        with_token(&mut reply, &signer.signed(&decided.token));
         Ok(reply)
     });
     let mut pass = match enter_gate(&sales, keyed.as_ref(), &show, &order, &reply_of).await? {
@@ -363,11 +364,12 @@ async fn settle(sales: &Sales, id: &str, action: Settle) -> Result<Reply, ApiErr
     let lock_wait = sales.lock_wait;
     sales
         .transact(None, |conn| {
+            let signer = sales.clone();
             Box::pin(async move {
                 let decided = Sales::settle(conn, booking_id, action, lock_wait).await?;
                 let view = BookingView::of(&decided.booking, decided.now)?;
                 let mut reply = Reply::json(StatusCode::OK, &view);
-                with_token(&mut reply, &decided.token);
+                with_token(&mut reply, &signer.signed(&decided.token));
                 Ok(reply)
             })
         })
@@ -376,9 +378,9 @@ async fn settle(sales: &Sales, id: &str, action: Settle) -> Result<Reply, ApiErr
 
 /// Lets the client read its own write from the query side (API.md,
 /// "Consistency"). Stored with the answer, so a keyed retry gets it too.
-fn with_token(reply: &mut Reply, token: &ConsistencyToken) {
-    // Ids, labels and numbers only: always a valid header value.
-    if let Ok(value) = HeaderValue::from_str(&token.to_string()) {
+fn with_token(reply: &mut Reply, signed: &str) {
+    // Ids, labels, numbers and hex only: always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(signed) {
         reply.header(HeaderName::from_static(CONSISTENCY_HEADER), value);
     }
 }

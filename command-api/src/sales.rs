@@ -14,7 +14,7 @@ use cqrs_es::Aggregate;
 use domain::box_office::{self, BookingRequest, Purchase, Streams};
 use domain::{
     Booking, BookingId, BookingStatus, ConsistencyToken, Seat, SeatLabel, Show, ShowDetails,
-    ShowId, Timestamp, UserId,
+    ShowId, Timestamp, TokenKey, UserId,
 };
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -42,6 +42,8 @@ pub struct Sales {
     pub gate: SeatGate,
     /// Booking commands that arrive together commit together.
     group: Option<GroupCommit>,
+    /// Signs the consistency tokens of the answers.
+    token_key: Arc<TokenKey>,
 }
 
 impl Sales {
@@ -58,7 +60,20 @@ impl Sales {
             commits: Arc::default(),
             gate: SeatGate::default(),
             group: None,
+            token_key: Arc::new(development_key()),
         }
+    }
+
+    /// Tokens are signed with `key` (the development key otherwise).
+    #[must_use]
+    pub fn signing(mut self, key: TokenKey) -> Self {
+        self.token_key = Arc::new(key);
+        self
+    }
+
+    /// The signed header value of `token`.
+    pub fn signed(&self, token: &ConsistencyToken) -> String {
+        self.token_key.sign(token)
     }
 
     /// Bookings are grouped as `grouping` says (see [`crate::group_commit`]).
@@ -587,6 +602,13 @@ impl Sales {
     pub fn now() -> Timestamp {
         Utc::now()
     }
+}
+
+fn development_key() -> TokenKey {
+    // Long enough by construction; a failure here would be a typo in the
+    // constant, caught by every test.
+    TokenKey::new(domain::consistency::DEVELOPMENT_KEY.as_bytes().to_vec())
+        .unwrap_or_else(|_| unreachable!("the development key is long enough"))
 }
 
 /// One attempt at a command, inside its transaction.

@@ -66,6 +66,11 @@ pub struct Settings {
     #[command(flatten)]
     pub relay: crate::relay::RelaySettings,
     /// Log as JSON lines instead of text.
+    /// Secret shared with query-api that signs consistency tokens (at
+    /// least 16 bytes).
+    #[arg(long, env = "CONSISTENCY_KEY", default_value = domain::consistency::DEVELOPMENT_KEY,
+          hide_default_value = true)]
+    pub consistency_key: String,
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
 }

@@ -137,7 +137,16 @@ impl App {
             settings.command_attempts,
             settings.lock_wait(),
         )
-        .grouped(settings.grouping());
+        .grouped(settings.grouping())
+        .signing(
+            domain::TokenKey::new(settings.consistency_key.as_bytes().to_vec())
+                .context("CONSISTENCY_KEY is too short")?,
+        );
+        if settings.consistency_key == domain::consistency::DEVELOPMENT_KEY {
+            tracing::warn!(
+                "CONSISTENCY_KEY is the development key; set a secret of your own in production"
+            );
+        }
         // Kafka is not needed to take commands: the relay connects, and
         // reconnects, on its own. It is woken by this process' commits and
         // polls for those of others.

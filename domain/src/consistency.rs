@@ -9,10 +9,18 @@
 //! header-safe: `v1;show=<uuid>:<seq>;booking=<uuid>:<seq>;seat=<label>:<seq>`
 //! (`show` once, its sequence 0 when the write did not touch the show stream;
 //! `booking` and `seat` as often as needed).
+//!
+//! On the wire a token is signed: `;sig=<hex HMAC-SHA256>` follows the text,
+//! keyed by a secret command-api and query-api share ([`TokenKey`]). A read
+//! waits only for a token command-api issued, whose sequences the log holds,
+//! so nobody can make the query side wait for a write that never happens.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::ids::{BookingId, SeatLabel, ShowId};
 
@@ -51,6 +59,81 @@ pub enum TokenError {
     /// No `show` part, or two.
     #[error("the token must name exactly one show")]
     Show,
+    /// No signature, or one that is not this deployment's.
+    #[error("the token is not signed by this deployment's command-api")]
+    Signature,
+}
+
+/// The secret that signs and checks tokens (`CONSISTENCY_KEY`).
+#[derive(Clone)]
+pub struct TokenKey(Vec<u8>);
+
+/// The separator between a token and its signature.
+const SIGNATURE: &str = ";sig=";
+
+/// The key command-api and query-api use when `CONSISTENCY_KEY` is not
+/// set: fine on a laptop, never in production, where they share a secret of
+/// their own.
+pub const DEVELOPMENT_KEY: &str = "ticketing-development-consistency-key";
+
+/// The shortest key accepted, in bytes.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a consistency key needs at least {MIN_KEY_LEN} bytes")]
+pub struct WeakKey;
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
+impl TokenKey {
+    /// A key of these bytes.
+    ///
+    /// # Errors
+    /// [`WeakKey`] below [`MIN_KEY_LEN`] bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, WeakKey> {
+        let bytes = bytes.into();
+        if bytes.len() < MIN_KEY_LEN {
+            return Err(WeakKey);
+        }
+        Ok(Self(bytes))
+    }
+
+    fn mac(&self, text: &str) -> Hmac<Sha256> {
+        // HMAC takes a key of any length; `new_from_slice` cannot fail.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(text.as_bytes());
+        mac
+    }
+
+    /// The signed text form of `token`, as sent in the header.
+    pub fn sign(&self, token: &ConsistencyToken) -> String {
+        let text = token.to_string();
+        let signature = hex::encode(self.mac(&text).finalize().into_bytes());
+        format!("{text}{SIGNATURE}{signature}")
+    }
+
+    /// The token of a signed text, if this key signed it.
+    ///
+    /// # Errors
+    /// [`TokenError::Signature`] for an unsigned or foreign token, else what
+    /// reading the text finds wrong.
+    pub fn verify(&self, signed: &str) -> Result<ConsistencyToken, TokenError> {
+        if signed.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::TooLong);
+        }
+        let (text, signature) = signed.rsplit_once(SIGNATURE).ok_or(TokenError::Signature)?;
+        let signature = hex::decode(signature).map_err(|_| TokenError::Signature)?;
+        self.mac(text)
+            .verify_slice(&signature)
+            .map_err(|_| TokenError::Signature)?;
+        text.parse()
+    }
 }
 
 impl ConsistencyToken {
@@ -175,10 +258,43 @@ mod tests {
         assert_eq!(long.parse::<ConsistencyToken>(), Err(TokenError::TooLong));
     }
 
+    fn key(text: &str) -> TokenKey {
+        TokenKey::new(text.as_bytes().to_vec()).expect("a long enough key")
+    }
+
+    #[test]
+    fn a_signed_token_reads_back_only_with_its_key() {
+        let token = token();
+        let signed = key("the deployment's own key").sign(&token);
+        assert!(signed.starts_with(&token.to_string()), "{signed}");
+        assert_eq!(
+            key("the deployment's own key").verify(&signed),
+            Ok(token.clone())
+        );
+        assert_eq!(
+            key("somebody else's key!!").verify(&signed),
+            Err(TokenError::Signature)
+        );
+        assert_eq!(
+            key("the deployment's own key").verify(&token.to_string()),
+            Err(TokenError::Signature),
+            "unsigned"
+        );
+        // A sequence raised by hand no longer matches its signature.
+        let forged = signed.replacen(":3", ":9", 1);
+        assert_ne!(forged, signed);
+        assert_eq!(
+            key("the deployment's own key").verify(&forged),
+            Err(TokenError::Signature)
+        );
+        assert_eq!(TokenKey::new(b"short".to_vec()).map(|_| ()), Err(WeakKey));
+    }
+
     proptest! {
         #[test]
         fn any_text_parses_or_is_refused_without_panicking(text in ".{0,200}") {
             let _ = text.parse::<ConsistencyToken>();
+            let _ = key("a key for the property test").verify(&text);
         }
     }
 }

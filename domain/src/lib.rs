@@ -22,7 +22,7 @@ pub use booking::{
     BookingStatus,
 };
 pub use box_office::{BookingRequest, BoxOfficeError, Changes, Purchase, Streams};
-pub use consistency::{ConsistencyToken, TokenError, CONSISTENCY_HEADER};
+pub use consistency::{ConsistencyToken, TokenError, TokenKey, WeakKey, CONSISTENCY_HEADER};
 pub use envelope::{AnyEvent, PublishedEvent, EVENTS_TOPIC};
 pub use ids::{
     BookingId, IdError, RowName, SeatId, SeatLabel, SectionName, ShowId, ShowName, UserId,

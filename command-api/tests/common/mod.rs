@@ -42,6 +42,7 @@ pub fn settings(database_url: String, hold_secs: u64) -> Settings {
         command_batches: 2,
         relay_enabled: false,
         relay: relay_settings("ticketing.unused", &ticketing_tests::kafka_brokers()),
+        consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
         log_json: false,
     }
 }
