@@ -4,3 +4,4 @@
 pub mod problem;
 pub mod routes;
 pub mod startup;
+pub mod waits;

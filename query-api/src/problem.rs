@@ -13,21 +13,34 @@ pub enum QueryError {
     /// The `X-Consistency-Token` header is not one command-api issued.
     #[error("{0}")]
     BadToken(String),
+    /// A query parameter that cannot be read (a page cursor, a limit).
+    #[error("{0}")]
+    BadQuery(String),
     /// The read models did not reflect the token's write in time.
     #[error("the read models did not reach the write within {0} s; retry")]
     NotYetConsistent(u64),
-    /// MongoDB is unreachable or failing; the service recovers by itself.
+    /// Too many reads wait for their tokens already.
+    #[error("too many reads are waiting for their writes; retry shortly")]
+    Busy,
+    /// MongoDB is unreachable, failing or slow, or the read models are not
+    /// there; the service recovers by itself.
     #[error("the read models are unavailable: {0}")]
-    Unavailable(#[from] mongodb::error::Error),
+    Unavailable(String),
+}
+
+impl From<mongodb::error::Error> for QueryError {
+    fn from(error: mongodb::error::Error) -> Self {
+        Self::Unavailable(error.to_string())
+    }
 }
 
 impl QueryError {
     fn status(&self) -> StatusCode {
         match self {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::BadToken(_) => StatusCode::BAD_REQUEST,
+            Self::BadToken(_) | Self::BadQuery(_) => StatusCode::BAD_REQUEST,
             Self::NotYetConsistent(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Busy | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -35,7 +48,9 @@ impl QueryError {
         match self {
             Self::NotFound(_) => "not-found",
             Self::BadToken(_) => "bad-consistency-token",
+            Self::BadQuery(_) => "bad-query",
             Self::NotYetConsistent(_) => "not-yet-consistent",
+            Self::Busy => "busy",
             Self::Unavailable(_) => "unavailable",
         }
     }
@@ -44,7 +59,9 @@ impl QueryError {
         match self {
             Self::NotFound(_) => "Not found",
             Self::BadToken(_) => "Malformed consistency token",
+            Self::BadQuery(_) => "Malformed query parameter",
             Self::NotYetConsistent(_) => "Read models not yet consistent",
+            Self::Busy => "Too many waiting reads",
             Self::Unavailable(_) => "Service unavailable",
         }
     }
@@ -73,7 +90,10 @@ impl IntoResponse for QueryError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(self, Self::Unavailable(_) | Self::NotYetConsistent(_)) {
+        if matches!(
+            self,
+            Self::Unavailable(_) | Self::NotYetConsistent(_) | Self::Busy
+        ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response

@@ -1,29 +1,35 @@
 //! Wiring: settings, the MongoDB handle, the generation being read, the
 //! router and the server.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::read_model::{
     self, BookingDoc, ShowDoc, BOOKINGS, GENERATIONS, GENERATION_POINTER, SHOWS,
 };
+use domain::TokenKey;
 use mongodb::bson::{doc, Document};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Database};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::problem::QueryError;
 use crate::routes;
+use crate::waits::Waits;
 
 /// Settings, from the command line or the environment.
 #[derive(Debug, Clone, clap::Parser)]
@@ -41,31 +47,66 @@ pub struct Settings {
     /// How long to wait for MongoDB at start-up before giving up.
     #[arg(long, env = "STARTUP_TIMEOUT_SECS", default_value_t = 10)]
     pub startup_timeout_secs: u64,
-    /// How long a request waits for MongoDB before answering 503, in ms.
+    /// How long one MongoDB operation may take before the read answers
+    /// 503, in ms.
     #[arg(long, env = "MONGODB_TIMEOUT_MS", default_value_t = 2000)]
     pub mongodb_timeout_ms: u64,
     /// How long a read waits for its `X-Consistency-Token`, in ms.
     #[arg(long, env = "CONSISTENCY_WAIT_MS", default_value_t = 5000)]
     pub consistency_wait_ms: u64,
+    /// Most reads waiting for a consistency token at once; more are 503.
+    #[arg(long, env = "CONSISTENCY_MAX_WAITERS", default_value_t = 10_000)]
+    pub consistency_max_waiters: usize,
+    /// Secret shared with command-api that signs consistency tokens (at
+    /// least 16 bytes).
+    #[arg(long, env = "CONSISTENCY_KEY", default_value = domain::consistency::DEVELOPMENT_KEY,
+          hide_default_value = true)]
+    pub consistency_key: String,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
 }
 
-/// What every handler reads from: the database and the generation the
-/// projector last pointed the query side at.
+/// What every handler reads from: the database, the generation the
+/// projector last pointed the query side at, and the waits.
 #[derive(Debug, Clone)]
 pub struct Reads {
     database: Database,
     generation: Arc<AtomicU32>,
+    /// When the pointer was last read, in ms since `epoch`.
+    pointer_read: Arc<AtomicU64>,
+    epoch: Instant,
     /// Longest wait for a consistency token.
     pub consistency_wait: Duration,
+    /// Longest MongoDB operation.
+    pub mongodb_timeout: Duration,
+    /// Checks consistency tokens.
+    pub token_key: TokenKey,
+    /// The watchers of documents waited for.
+    pub waits: Waits,
 }
+
+/// How often the generation pointer is read.
+pub const GENERATION_REFRESH: Duration = Duration::from_millis(200);
+
+/// A pointer not read for this long is not trusted: reads answer 503
+/// rather than serve a generation that may be gone.
+pub const POINTER_STALE: Duration = Duration::from_secs(3);
 
 impl Reads {
     /// The generation to read now.
-    pub fn generation(&self) -> u32 {
-        self.generation.load(Ordering::Relaxed)
+    ///
+    /// # Errors
+    /// [`QueryError::Unavailable`] when the pointer could not be read for
+    /// [`POINTER_STALE`].
+    pub fn generation(&self) -> Result<u32, QueryError> {
+        let read_at = Duration::from_millis(self.pointer_read.load(Ordering::Relaxed));
+        if self.epoch.elapsed().saturating_sub(read_at) > POINTER_STALE {
+            return Err(QueryError::Unavailable(
+                "the generation pointer cannot be read".to_owned(),
+            ));
+        }
+        Ok(self.generation.load(Ordering::Relaxed))
     }
 
     /// Show documents of `generation`.
@@ -80,15 +121,35 @@ impl Reads {
             .collection(&read_model::collection_name(generation, BOOKINGS))
     }
 
+    /// Runs one MongoDB operation, bounded by `MONGODB_TIMEOUT_MS`.
+    ///
+    /// # Errors
+    /// [`QueryError::Unavailable`] when it fails or takes too long.
+    pub async fn bounded<T>(
+        &self,
+        operation: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, QueryError> {
+        match tokio::time::timeout(self.mongodb_timeout, operation.into_future()).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(QueryError::Unavailable(format!(
+                "a read took longer than {} ms",
+                self.mongodb_timeout.as_millis()
+            ))),
+        }
+    }
+
     /// Reads the generation pointer once. No pointer yet: generation 1.
     ///
     /// # Errors
     /// MongoDB errors.
     pub async fn refresh(&self) -> Result<u32, QueryError> {
         let pointer: Option<Document> = self
-            .database
-            .collection::<Document>(GENERATIONS)
-            .find_one(doc! { "_id": GENERATION_POINTER })
+            .bounded(
+                self.database
+                    .collection::<Document>(GENERATIONS)
+                    .find_one(doc! { "_id": GENERATION_POINTER })
+                    .projection(doc! { "current": 1 }),
+            )
             .await?;
         let generation = pointer
             .and_then(|p| {
@@ -101,13 +162,44 @@ impl Reads {
             .and_then(|g| u32::try_from(g).ok())
             .unwrap_or(1);
         self.generation.store(generation, Ordering::Relaxed);
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.pointer_read.store(now, Ordering::Relaxed);
         Ok(generation)
     }
-}
 
-/// How often the generation pointer is read. A replay keeps the old
-/// generation well beyond this after switching, so no read finds it gone.
-pub const GENERATION_REFRESH: Duration = Duration::from_millis(200);
+    /// What a lookup that found nothing in `generation` means: the
+    /// generation switched meanwhile (`Ok(Some(new))`, to read again), the
+    /// thing does not exist ([`QueryError::NotFound`]), or the read models
+    /// are not there at all (a 503, never a 404).
+    ///
+    /// # Errors
+    /// The answer, when it is not a generation to read again.
+    pub async fn after_miss(&self, generation: u32, what: &'static str) -> Result<u32, QueryError> {
+        let now = self.refresh().await?;
+        if now != generation {
+            return Ok(now);
+        }
+        let collection = read_model::collection_name(generation, SHOWS);
+        let names = self
+            .bounded(
+                self.database
+                    .list_collection_names()
+                    .filter(doc! { "name": &collection }),
+            )
+            .await?;
+        if names.is_empty() {
+            return Err(QueryError::Unavailable(format!(
+                "the read models of generation {generation} are not there"
+            )));
+        }
+        Err(QueryError::NotFound(what))
+    }
+
+    /// The longest a request may take: its token wait and a few reads.
+    pub fn request_timeout(&self) -> Duration {
+        self.consistency_wait + self.mongodb_timeout * 3
+    }
+}
 
 /// The routes, for the server and for tests.
 pub fn router(reads: Reads) -> Router {
@@ -124,22 +216,37 @@ pub fn router(reads: Reads) -> Router {
             get(|| async { Json(routes::ApiDoc::openapi()) }),
         )
         .fallback(|| async { QueryError::NotFound("resource") })
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
+        .layer(middleware::from_fn_with_state(
+            reads.clone(),
+            bounded_request,
         ))
         .layer(TraceLayer::new_for_http())
         .with_state(reads)
 }
 
+/// Bounds every request: a read that takes longer than its token wait and
+/// a few MongoDB operations is a 503 problem with `Retry-After`, so that no
+/// request outlives the grace a replaced generation is kept for.
+async fn bounded_request(State(reads): State<Reads>, request: Request, next: Next) -> Response {
+    let limit = reads.request_timeout();
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => QueryError::Unavailable(format!(
+            "the read took longer than {} ms",
+            limit.as_millis()
+        ))
+        .into_response(),
+    }
+}
+
 /// `GET /readyz`: 200 while MongoDB answers, else 503.
-async fn readyz(
-    axum::extract::State(reads): axum::extract::State<Reads>,
-) -> Result<Json<serde_json::Value>, QueryError> {
+async fn readyz(State(reads): State<Reads>) -> Result<Json<serde_json::Value>, QueryError> {
     let generation = reads.refresh().await?;
-    Ok(Json(
-        serde_json::json!({ "mongodb": "up", "generation": generation }),
-    ))
+    Ok(Json(serde_json::json!({
+        "mongodb": "up",
+        "generation": generation,
+        "consistency_waiters": reads.waits.waiting(),
+    })))
 }
 
 /// A bound, ready-to-run query-api.
@@ -164,10 +271,22 @@ impl App {
         let database = Client::with_options(options)
             .context("invalid MongoDB client options")?
             .database(&settings.mongodb_database);
+        let token_key = TokenKey::new(settings.consistency_key.as_bytes().to_vec())
+            .context("CONSISTENCY_KEY is too short")?;
+        if settings.consistency_key == domain::consistency::DEVELOPMENT_KEY {
+            tracing::warn!(
+                "CONSISTENCY_KEY is the development key; set a secret of your own in production"
+            );
+        }
         let reads = Reads {
             database,
             generation: Arc::new(AtomicU32::new(1)),
+            pointer_read: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
             consistency_wait: Duration::from_millis(settings.consistency_wait_ms),
+            mongodb_timeout: Duration::from_millis(settings.mongodb_timeout_ms),
+            token_key,
+            waits: Waits::new(settings.consistency_max_waiters),
         };
         let startup = Duration::from_secs(settings.startup_timeout_secs);
         let mut connected = reads.refresh().await;
