@@ -142,6 +142,10 @@ pub struct ShowDoc {
     pub show_id: String,
     /// Write version, for optimistic concurrency between projector instances.
     pub v: i64,
+    /// Last sequence applied of the show's own stream (0 in documents
+    /// written before it was kept; their show stream has one event).
+    #[serde(default)]
+    pub q: i64,
     /// Name.
     pub name: String,
     /// Venue.
@@ -236,6 +240,7 @@ impl ShowDoc {
         Self {
             show_id: details.show_id.to_string(),
             v: 0,
+            q: 1,
             name: details.name.to_string(),
             venue: details.venue.to_string(),
             starts_at: format_time(details.starts_at),
@@ -346,6 +351,12 @@ impl ShowDoc {
             }
             (status, _) => *status,
         }
+    }
+
+    /// The show stream's last applied sequence; a document written before
+    /// it was kept holds the show's one event.
+    pub fn show_sequence(&self) -> i64 {
+        self.q.max(1)
     }
 
     /// Whether the seats of `labels` have applied at least these sequences.
@@ -538,7 +549,9 @@ impl Models {
                 if slot.is_some() {
                     return Ok(false);
                 }
-                *slot = Some(ShowDoc::created(&details));
+                let mut show = ShowDoc::created(&details);
+                show.q = i64::try_from(event.sequence).unwrap_or(i64::MAX);
+                *slot = Some(show);
                 Ok(true)
             }
             AnyEvent::Seat(seat_event) => {

@@ -24,7 +24,7 @@ use anyhow::Context;
 use clap::Parser;
 use domain::read_model::ShowDoc;
 use mongodb::bson::doc;
-use projector::live::{ConsumerSettings, Projection, Until};
+use projector::live::{ConsumerSettings, Goal, Projection};
 use projector::replay::{self, ReplaySettings};
 use projector::store::ReadStore;
 use serde_json::{json, Value};
@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
             relay_standby_poll_ms: 300,
             relay_ack_timeout_ms: 15_000,
         },
+        consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
         log_json: false,
     };
     command_settings.max_connections = 16;
@@ -175,13 +176,15 @@ async fn main() -> anyhow::Result<()> {
     wait_published(&command, last_position).await?;
     let generation = store.pointer().await?.current;
     store.prepare(generation).await?;
-    let start = (0..6).map(|p| (p, 0_i64)).collect();
     let projection = Projection::new(consumer.clone(), store.clone());
+    let end = projection.topic_end().await?;
     let began = Instant::now();
     projection
-        .run_generation(
+        .project(
             generation,
-            Until::CaughtUp { start },
+            None,
+            0,
+            Goal::Reach(end),
             &CancellationToken::new(),
         )
         .await?;
@@ -243,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
             database_url: db.url(),
             replay_batch: 5000,
             grace_secs: 0,
+            switch_wait_secs: 120,
         },
         &CancellationToken::new(),
     )
@@ -264,6 +268,8 @@ async fn main() -> anyhow::Result<()> {
         startup_timeout_secs: 5,
         mongodb_timeout_ms: 2000,
         consistency_wait_ms: 5000,
+        consistency_max_waiters: 10_000,
+        consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
         log_json: false,
     })
     .await?;

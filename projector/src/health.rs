@@ -24,7 +24,9 @@ pub fn router(store: ReadStore, status: Status) -> Router {
 }
 
 /// 200 while MongoDB answers, 503 otherwise; the body shows the
-/// projection's generation, progress and last error either way.
+/// projection's role (active or standby), generation, progress, last error
+/// and the shows whose events are parked (not current on the read side)
+/// either way.
 async fn readyz(State(health): State<Health>) -> (StatusCode, Json<Value>) {
     let projection = health.status.report();
     match health.store.ping().await {

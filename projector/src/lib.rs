@@ -3,6 +3,7 @@
 //! in generations (`store`). The folding rules themselves are pure and live
 //! in `domain::read_model`.
 
+pub mod generations;
 pub mod health;
 pub mod live;
 pub mod replay;

@@ -1,30 +1,47 @@
-//! The live projection: a Kafka consumer group that applies the event topic
-//! to the current read-model generation.
+//! The live projection: one active projector applies the event topic to the
+//! current read-model generation, and switches to a new one when a replay
+//! has built it.
+//!
+//! One writer: a projector writes only while it holds the lease in the
+//! pointer document (see [`crate::generations`]); the others wait as
+//! standbys and take over within seconds of the holder's lease lapsing.
+//! Every save of offsets carries the lease's epoch, so a holder that was
+//! paused past its lease and wakes up cannot move anything back.
 //!
 //! Per batch: collect up to `batch` messages (or what arrives within
-//! `linger`), apply them in one MongoDB round of writes, and only then
-//! commit the offsets. A crash between the write and the commit replays the
-//! batch, which per-stream sequences make harmless. MongoDB down: the batch
-//! is retried with backoff and nothing is committed until it lands.
+//! `linger`), apply them in one MongoDB round of writes, and only then save
+//! the offsets, in MongoDB, in the generation's own offsets document. A
+//! crash between the write and the save replays the batch, which per-stream
+//! sequences make harmless. MongoDB down: the batch is retried with backoff
+//! and nothing is saved until it lands. A write MongoDB refuses for good
+//! parks that show's events and the others go on.
 //!
-//! Each generation of read models has its own consumer group
-//! (`{group}.g{n}`), so a replay can hand a new generation over with the
-//! offsets it reached: the live projector notices the switch, leaves the old
-//! group and continues in the new one from there.
+//! The offsets live with the read models, not in Kafka: a database wiped or
+//! restored from a backup resumes from what it holds (from the start of the
+//! topic when it holds nothing) instead of from offsets past events it
+//! never saw.
+//!
+//! The switch to a generation a replay built (`building.ready` in the
+//! pointer) is the live projector's: it stops applying to generation n at
+//! the offsets it saved, applies to n+1 from where the replay left it until
+//! n+1 has reached those offsets, then moves the pointer in one conditional
+//! write. Until then the query side reads n, frozen; from then on n+1,
+//! which holds at least every event n held. No read goes back in time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use domain::PublishedEvent;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ReadStore, StoreError};
+use crate::generations::{Generations, Lease, Offsets, Saved, LEASE_TTL, RENEW_EVERY};
+use crate::store::{ReadStore, Received, StoreError};
 
 /// Settings of the consumer.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,7 +52,9 @@ pub struct ConsumerSettings {
     /// The event topic.
     #[arg(long, env = "PROJECTOR_TOPIC", default_value = domain::EVENTS_TOPIC)]
     pub topic: String,
-    /// Consumer group; each read-model generation `n` uses `{group}.g{n}`.
+    /// Kafka consumer group id. The projector assigns itself every
+    /// partition and keeps its offsets in MongoDB, so the group only names
+    /// the client to the broker.
     #[arg(long, env = "PROJECTOR_GROUP", default_value = "ticketing-projector")]
     pub group: String,
     /// Most events applied in one batch.
@@ -51,20 +70,38 @@ pub struct ConsumerSettings {
     pub fetch_wait_ms: u64,
 }
 
-/// The consumer group of read-model generation `generation`.
-pub fn group_of(group: &str, generation: u32) -> String {
-    format!("{group}.g{generation}")
+/// What the projector is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Starting.
+    #[default]
+    Starting,
+    /// Waiting for the lease another projector holds.
+    Standby,
+    /// Holding the lease and applying the topic.
+    Active,
+    /// Bringing a rebuilt generation up to the current one, to switch.
+    Switching,
 }
 
 /// What `/readyz` shows of the projection.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
+    /// Active, standby, switching.
+    pub role: Role,
     /// The generation being written.
     pub generation: u32,
+    /// The lease's epoch while active.
+    pub epoch: i64,
     /// Events applied since start (duplicates included).
     pub events: u64,
     /// Events refused as inconsistent with the read models (logged).
     pub rejected: u64,
+    /// Events parked since start.
+    pub parked: u64,
+    /// Shows whose events are parked: not current on the read side.
+    pub parked_shows: BTreeSet<String>,
     /// The last error, if the last attempt failed.
     pub last_error: Option<String>,
 }
@@ -86,17 +123,30 @@ impl Status {
     }
 }
 
-/// When [`Projection::run_generation`] returns.
+/// What [`Projection::project`] runs until.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Until {
-    /// When the query side is switched to another generation.
-    Switched,
-    /// When every partition is consumed up to where it ended when the run
-    /// began; `start` is where the group's offsets stood then.
-    CaughtUp {
-        /// Next offset per partition.
-        start: BTreeMap<i32, i64>,
-    },
+pub enum Goal {
+    /// The live run: until the pointer moves away from the generation, or a
+    /// rebuilt generation is ready to take over.
+    FollowPointer,
+    /// Until every partition is at or past these next offsets.
+    Reach(BTreeMap<i32, i64>),
+}
+
+/// Why [`Projection::project`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped, or the lease was lost.
+    Stopped,
+    /// The goal's offsets are reached.
+    Reached,
+    /// A rebuilt generation is ready: switch to it.
+    Ready(u32),
+    /// The pointer or the offsets changed under it (another switch, a
+    /// wiped database): start over from what MongoDB holds.
+    Restart,
+    /// A writer of a higher epoch saved the offsets: this one must stop.
+    Fenced,
 }
 
 /// The projection of the event topic into the read models.
@@ -104,19 +154,34 @@ pub enum Until {
 pub struct Projection {
     settings: ConsumerSettings,
     store: ReadStore,
+    generations: Generations,
     status: Status,
+    holder: String,
 }
 
 const IDLE: Duration = Duration::from_millis(500);
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the live run looks at the pointer while batches keep coming.
+const POINTER_EVERY: Duration = Duration::from_millis(100);
 
 impl Projection {
     /// A projection with these settings into `store`.
     pub fn new(settings: ConsumerSettings, store: ReadStore) -> Self {
+        Self::named(
+            settings,
+            store,
+            format!("projector-{}", uuid::Uuid::new_v4()),
+        )
+    }
+
+    /// A projection that holds leases as `holder`.
+    pub fn named(settings: ConsumerSettings, store: ReadStore, holder: String) -> Self {
         Self {
+            generations: store.generations(),
             settings,
             store,
             status: Status::default(),
+            holder,
         }
     }
 
@@ -125,144 +190,289 @@ impl Projection {
         self.status.clone()
     }
 
-    /// Projects into whatever generation is current, following switches,
-    /// until `stop`.
+    /// Projects into whatever generation is current while holding the
+    /// lease, waiting as a standby while another projector holds it, until
+    /// `stop`.
     ///
     /// # Errors
     /// Only settings errors; store and broker failures are retried.
     pub async fn run(&self, stop: CancellationToken) -> anyhow::Result<()> {
         while !stop.is_cancelled() {
-            let generation = match self.store.pointer().await {
-                Ok(pointer) => pointer.current,
+            let lease = match self.generations.take_lease(&self.holder).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    self.status.update(|r| r.role = Role::Standby);
+                    pause(&stop, RENEW_EVERY).await;
+                    continue;
+                }
                 Err(error) => {
                     self.failed(&error);
                     pause(&stop, Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            if let Err(error) = self.store.prepare(generation).await {
-                self.failed(&error);
-                pause(&stop, Duration::from_secs(1)).await;
-                continue;
+            tracing::info!(epoch = lease.epoch, holder = %self.holder, "took the projector lease");
+            let lost = stop.child_token();
+            // Joined, not spawned: whatever ends this task ends the renewals
+            // with it, as a crash of the process would.
+            let (led, ()) = tokio::join!(
+                async {
+                    let led = self.lead(&lease, &lost).await;
+                    lost.cancel();
+                    led
+                },
+                keep_lease(self.generations.clone(), lease.clone(), lost.clone()),
+            );
+            if stop.is_cancelled() {
+                if let Err(error) = self.generations.release_lease(&lease).await {
+                    tracing::warn!(%error, "could not give the lease up; it lapses by itself");
+                }
+            } else {
+                tracing::warn!(epoch = lease.epoch, "lost the projector lease; standing by");
             }
-            self.status.update(|r| r.generation = generation);
-            tracing::info!(generation, "projecting");
-            self.run_generation(generation, Until::Switched, &stop)
-                .await?;
+            led?;
         }
         Ok(())
     }
 
-    /// Consumes into `generation` with its own group until `until` or `stop`.
+    /// The live run under `lease`, until it is lost.
+    async fn lead(&self, lease: &Lease, lost: &CancellationToken) -> anyhow::Result<()> {
+        while !lost.is_cancelled() {
+            let (generation, offsets) = match self.current().await {
+                Ok(found) => found,
+                Err(error) => {
+                    self.failed(&error);
+                    pause(lost, Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            self.status.update(|r| {
+                r.role = Role::Active;
+                r.generation = generation;
+                r.epoch = lease.epoch;
+                r.parked_shows = offsets
+                    .as_ref()
+                    .map(|o| o.parked_shows.clone())
+                    .unwrap_or_default();
+            });
+            tracing::info!(generation, epoch = lease.epoch, "projecting");
+            match self
+                .project(generation, offsets, lease.epoch, Goal::FollowPointer, lost)
+                .await?
+            {
+                Ended::Ready(to) => {
+                    if let Err(error) = self.switch_over(generation, to, lease, lost).await {
+                        tracing::warn!("switching to generation {to} failed; retrying: {error:#}");
+                        self.status
+                            .update(|r| r.last_error = Some(format!("{error:#}")));
+                        pause(lost, Duration::from_secs(1)).await;
+                    }
+                }
+                Ended::Fenced => return Ok(()),
+                Ended::Stopped | Ended::Restart | Ended::Reached => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The current generation, prepared, and its offsets.
+    async fn current(&self) -> Result<(u32, Option<Offsets>), StoreError> {
+        let generation = self.generations.pointer().await?.current;
+        self.store.prepare(generation).await?;
+        let offsets = self.generations.offsets_of(generation).await?;
+        Ok((generation, offsets))
+    }
+
+    /// Switches the query side from `from` to the rebuilt `to`: applies to
+    /// `to` until it holds every event `from` holds, then moves the
+    /// pointer, if `to` is still the ready generation and `lease` still
+    /// held. Whether it switched.
     ///
     /// # Errors
-    /// Consumer set-up errors.
-    pub async fn run_generation(
+    /// Store and consumer errors; the pointer then stays at `from`.
+    pub async fn switch_over(
+        &self,
+        from: u32,
+        to: u32,
+        lease: &Lease,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        self.status.update(|r| r.role = Role::Switching);
+        let target = self
+            .generations
+            .offsets_of(from)
+            .await?
+            .map(|o| o.next)
+            .unwrap_or_default();
+        let keep = self
+            .generations
+            .pointer()
+            .await?
+            .building
+            .filter(|b| b.generation == to)
+            .map_or(Duration::from_secs(30), |b| b.keep);
+        self.store.prepare(to).await?;
+        let start = self.generations.offsets_of(to).await?;
+        tracing::info!(
+            from,
+            to,
+            "bringing the rebuilt generation up to the current one"
+        );
+        let ended = self
+            .project(to, start, lease.epoch, Goal::Reach(target), stop)
+            .await?;
+        if ended != Ended::Reached {
+            return Ok(false);
+        }
+        let switched = self.generations.switch(from, to, lease, keep).await?;
+        if switched {
+            tracing::info!(from, to, "query side switched to the rebuilt generation");
+            self.status.update(|r| r.generation = to);
+        } else {
+            tracing::warn!(
+                from,
+                to,
+                "the switch did not happen (the claim or the lease changed)"
+            );
+        }
+        Ok(switched)
+    }
+
+    /// Consumes into `generation` from `start` (the start of every
+    /// partition where it has no offset) until `goal`, saving offsets as
+    /// `epoch`.
+    ///
+    /// # Errors
+    /// Consumer set-up errors; store and broker failures are retried.
+    pub async fn project(
         &self,
         generation: u32,
-        until: Until,
+        start: Option<Offsets>,
+        epoch: i64,
+        goal: Goal,
         stop: &CancellationToken,
-    ) -> anyhow::Result<()> {
-        let consumer: Arc<StreamConsumer> = Arc::new(
-            ClientConfig::new()
-                .set("bootstrap.servers", &self.settings.kafka_brokers)
-                .set("group.id", group_of(&self.settings.group, generation))
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("fetch.wait.max.ms", self.settings.fetch_wait_ms.to_string())
-                .create()
-                .context("invalid Kafka consumer settings")?,
-        );
-        if !self.assign_every_partition(&consumer, stop).await? {
-            return Ok(());
-        }
-        let mut next = match &until {
-            Until::CaughtUp { start } => start.clone(),
-            Until::Switched => BTreeMap::new(),
+    ) -> anyhow::Result<Ended> {
+        let mut exists = start.is_some();
+        let mut state = start.unwrap_or_default();
+        let Some(feed) = Feed::open(&self.settings, &mut state.next, stop).await? else {
+            return Ok(Ended::Stopped);
         };
-        // A catch-up ends at the topic's end as it was when the catch-up
-        // began, not when the topic goes idle: during an on-sale it never
-        // does. What arrives later is the new generation's group's to apply,
-        // from the offsets this run commits.
-        let mut end: Option<BTreeMap<i32, i64>> = None;
+        let mut pointer_seen = Instant::now()
+            .checked_sub(POINTER_EVERY)
+            .unwrap_or_else(Instant::now);
         loop {
             if stop.is_cancelled() {
-                return Ok(());
+                return Ok(Ended::Stopped);
             }
-            if let Until::CaughtUp { .. } = until {
-                if end.is_none() {
-                    end = self.end_offsets(&consumer).await;
-                }
-                if end.as_ref().is_some_and(|end| reached(&next, end)) {
-                    return Ok(());
+            if let Goal::Reach(target) = &goal {
+                if reached(&state.next, target) {
+                    return Ok(Ended::Reached);
                 }
             }
-            let batch = self.collect(&consumer).await;
+            let batch = feed.collect(&self.settings).await;
+            if goal == Goal::FollowPointer
+                && (batch.received.is_empty() || pointer_seen.elapsed() >= POINTER_EVERY)
+            {
+                pointer_seen = Instant::now();
+                match self.generations.pointer().await {
+                    Ok(pointer) if pointer.current != generation => return Ok(Ended::Restart),
+                    Ok(pointer) => {
+                        if let Some(building) = pointer.building.filter(|b| b.ready) {
+                            // The batch is not applied; it is read again
+                            // after the switch, from the saved offsets.
+                            return Ok(Ended::Ready(building.generation));
+                        }
+                    }
+                    Err(error) => self.failed(&error),
+                }
+            }
             if batch.offsets.is_empty() {
-                if until == Until::Switched && self.switched_from(generation).await {
-                    return Ok(());
-                }
                 continue;
             }
-            if until == Until::Switched && self.switched_from(generation).await {
-                // Not applied, not committed: the new generation's group
-                // starts where the replay left it.
-                return Ok(());
+            let before = state.parked_shows.len();
+            if !self
+                .apply(generation, &batch, &mut state.parked_shows, stop)
+                .await
+            {
+                return Ok(Ended::Stopped);
             }
-            if !self.apply(generation, &batch.events, stop).await {
-                return Ok(());
-            }
-            commit(&consumer, &self.settings.topic, &batch.offsets).await;
             for (partition, offset) in &batch.offsets {
-                next.insert(*partition, offset + 1);
+                state.next.insert(*partition, offset + 1);
             }
-        }
-    }
-
-    /// Up to `batch` messages: waits [`IDLE`] for the first, then `linger`.
-    async fn collect(&self, consumer: &StreamConsumer) -> Batch {
-        let mut batch = Batch::default();
-        match tokio::time::timeout(IDLE, consumer.recv()).await {
-            Err(_) => return batch,
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "kafka consumer error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return batch;
-            }
-            Ok(Ok(message)) => batch.add(&message),
-        }
-        let deadline = Instant::now() + Duration::from_millis(self.settings.linger_ms);
-        while batch.offsets.len() < self.settings.batch.max(1)
-            && batch.events.len() < self.settings.batch.max(1)
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, consumer.recv()).await {
-                Ok(Ok(message)) => batch.add(&message),
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "kafka consumer error");
-                    break;
+            let newly: BTreeSet<String> = if state.parked_shows.len() > before {
+                state.parked_shows.clone()
+            } else {
+                BTreeSet::new()
+            };
+            match self
+                .save(generation, epoch, &state.next, &newly, exists, stop)
+                .await
+            {
+                Some(Saved::Saved) => exists = true,
+                Some(Saved::Fenced) => {
+                    tracing::warn!(
+                        generation,
+                        epoch,
+                        "a projector of a later epoch writes this generation; stopping"
+                    );
+                    return Ok(Ended::Fenced);
                 }
-                Err(_) => break,
+                Some(Saved::Vanished) => {
+                    tracing::warn!(
+                        generation,
+                        "the generation's offsets vanished (database wiped or restored); \
+                         starting over from what MongoDB holds"
+                    );
+                    return Ok(Ended::Restart);
+                }
+                None => return Ok(Ended::Stopped),
             }
+            let parked = state.parked_shows.clone();
+            self.status.update(|r| r.parked_shows = parked);
         }
-        batch
     }
 
-    /// Applies a batch, retrying with backoff while MongoDB fails. False when
-    /// stopped first.
+    /// The next offset past the end of every partition of the topic now.
+    ///
+    /// # Errors
+    /// When the broker cannot say.
+    pub async fn topic_end(&self) -> anyhow::Result<BTreeMap<i32, i64>> {
+        let consumer: Arc<StreamConsumer> = Arc::new(consumer_config(&self.settings).create()?);
+        let topic = self.settings.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut end = BTreeMap::new();
+            for partition in partitions_of(consumer.as_ref(), &topic)? {
+                let (_, high) = consumer.fetch_watermarks(&topic, partition, KAFKA_TIMEOUT)?;
+                end.insert(partition, high);
+            }
+            Ok(end)
+        })
+        .await
+        .context("watermark task failed")?
+    }
+
+    /// Applies a batch, retrying with backoff while MongoDB is unreachable.
+    /// False when stopped first.
     async fn apply(
         &self,
         generation: u32,
-        events: &[PublishedEvent],
+        batch: &Batch,
+        parked_shows: &mut BTreeSet<String>,
         stop: &CancellationToken,
     ) -> bool {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.store.apply(generation, events).await {
+            match self
+                .store
+                .apply_parking(generation, &batch.received, parked_shows)
+                .await
+            {
                 Ok(applied) => {
+                    let undecodable = self.park_undecodable(generation, batch).await;
                     self.status.update(|r| {
-                        r.events += events.len() as u64;
+                        r.events += batch.received.len() as u64;
                         r.rejected += applied.rejected as u64;
+                        r.parked += (applied.parked + undecodable) as u64;
                         r.last_error = None;
                     });
                     return true;
@@ -278,84 +488,191 @@ impl Projection {
         }
     }
 
-    async fn switched_from(&self, generation: u32) -> bool {
-        match self.store.pointer().await {
-            Ok(pointer) => pointer.current != generation,
-            Err(error) => {
-                self.failed(&error);
-                false
-            }
-        }
-    }
-
-    /// Takes every partition of the topic, each from the group's committed
-    /// offset (the start of the partition when there is none), waiting for
-    /// the topic to exist. False when stopped first.
-    ///
-    /// One projector reads the whole topic, so it assigns the partitions to
-    /// itself rather than joining the group: Tansu 0.6.0 keeps a SIGKILLed
-    /// member as the group's leader, and a projector restarted after one was
-    /// assigned no partition and never resumed (observed for minutes). The
-    /// group still holds the committed offsets.
-    async fn assign_every_partition(
-        &self,
-        consumer: &Arc<StreamConsumer>,
-        stop: &CancellationToken,
-    ) -> anyhow::Result<bool> {
-        loop {
-            let found = {
-                let consumer = Arc::clone(consumer);
-                let topic = self.settings.topic.clone();
-                tokio::task::spawn_blocking(move || -> anyhow::Result<TopicPartitionList> {
-                    let mut list = TopicPartitionList::new();
-                    for partition in partitions_of(consumer.as_ref(), &topic)? {
-                        list.add_partition_offset(&topic, partition, Offset::Stored)?;
-                    }
-                    Ok(list)
-                })
+    /// Parks the messages of `batch` that are not events at all; how many.
+    async fn park_undecodable(&self, generation: u32, batch: &Batch) -> usize {
+        for (partition, offset, reason) in &batch.undecodable {
+            if let Err(error) = self
+                .store
+                .park_message(generation, *partition, *offset, reason)
                 .await
-                .context("metadata task failed")?
-            };
-            match found {
-                Ok(list) if list.count() > 0 => {
-                    consumer
-                        .assign(&list)
-                        .context("cannot assign the event topic's partitions")?;
-                    return Ok(true);
-                }
-                Ok(_) => tracing::warn!(topic = %self.settings.topic, "no such topic yet; waiting"),
-                Err(error) => tracing::warn!("cannot read the event topic's partitions: {error:#}"),
-            }
-            if !pause(stop, Duration::from_secs(1)).await {
-                return Ok(false);
+            {
+                tracing::warn!(%error, partition, offset, "could not park an undecodable message");
             }
         }
+        batch.undecodable.len()
     }
 
-    /// The next offset past the end of every partition, or `None` when the
-    /// broker cannot say now.
-    async fn end_offsets(&self, consumer: &Arc<StreamConsumer>) -> Option<BTreeMap<i32, i64>> {
-        let consumer = Arc::clone(consumer);
-        let topic = self.settings.topic.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
-            let mut end = BTreeMap::new();
-            for partition in partitions_of(consumer.as_ref(), &topic)? {
-                let (_, high) = consumer.fetch_watermarks(&topic, partition, KAFKA_TIMEOUT)?;
-                end.insert(partition, high);
+    /// Saves offsets, retrying while MongoDB is unreachable. `None` when
+    /// stopped first.
+    async fn save(
+        &self,
+        generation: u32,
+        epoch: i64,
+        next: &BTreeMap<i32, i64>,
+        parked_shows: &BTreeSet<String>,
+        exists: bool,
+        stop: &CancellationToken,
+    ) -> Option<Saved> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self
+                .generations
+                .save_offsets(generation, epoch, next, parked_shows, exists)
+                .await
+            {
+                Ok(saved) => return Some(saved),
+                Err(error) => {
+                    self.failed(&error);
+                    if !pause(stop, backoff).await {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
-            Ok(end)
-        })
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r)
-        .map_err(|error| tracing::warn!("cannot read the topic's end offsets: {error:#}"))
-        .ok()
+        }
     }
 
     fn failed(&self, error: &StoreError) {
         tracing::warn!(%error, "read models unavailable; retrying");
         self.status
             .update(|r| r.last_error = Some(error.to_string()));
+    }
+}
+
+/// Renews `lease` until `lost` is cancelled; cancels it when the lease is
+/// taken over, or when it could not be renewed for as long as it lasts.
+async fn keep_lease(generations: Generations, lease: Lease, lost: CancellationToken) {
+    let mut renewed = Instant::now();
+    while pause(&lost, RENEW_EVERY).await {
+        match generations.renew_lease(&lease).await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                tracing::warn!(epoch = lease.epoch, "the projector lease was taken over");
+                lost.cancel();
+            }
+            Err(error) if renewed.elapsed() >= LEASE_TTL => {
+                tracing::warn!(%error, "the projector lease could not be renewed in time");
+                lost.cancel();
+            }
+            Err(error) => tracing::warn!(%error, "renewing the projector lease failed; retrying"),
+        }
+    }
+}
+
+fn consumer_config(settings: &ConsumerSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.kafka_brokers)
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", settings.fetch_wait_ms.to_string());
+    config
+}
+
+/// A consumer assigned every partition of the topic at given offsets.
+struct Feed {
+    consumer: Arc<StreamConsumer>,
+}
+
+impl Feed {
+    /// Assigns every partition at `next` (the partition's first offset
+    /// where `next` has none, which is then filled in), waiting for the
+    /// topic to exist. `None` when stopped first.
+    ///
+    /// One projector reads the whole topic, so it assigns the partitions to
+    /// itself rather than joining a group: Tansu 0.6.0 keeps a SIGKILLed
+    /// member as the group's leader, and a projector restarted after one was
+    /// assigned no partition and never resumed (observed for minutes).
+    async fn open(
+        settings: &ConsumerSettings,
+        next: &mut BTreeMap<i32, i64>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Option<Self>> {
+        let consumer: Arc<StreamConsumer> = Arc::new(
+            consumer_config(settings)
+                .create()
+                .context("invalid Kafka consumer settings")?,
+        );
+        loop {
+            let found = {
+                let consumer = Arc::clone(&consumer);
+                let topic = settings.topic.clone();
+                let known = next.clone();
+                tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
+                    let mut start = BTreeMap::new();
+                    for partition in partitions_of(consumer.as_ref(), &topic)? {
+                        let offset = match known.get(&partition) {
+                            Some(offset) => *offset,
+                            None => {
+                                consumer
+                                    .fetch_watermarks(&topic, partition, KAFKA_TIMEOUT)
+                                    .context("reading a partition's first offset")?
+                                    .0
+                            }
+                        };
+                        start.insert(partition, offset);
+                    }
+                    Ok(start)
+                })
+                .await
+                .context("metadata task failed")?
+            };
+            match found {
+                Ok(start) if !start.is_empty() => {
+                    let mut list = TopicPartitionList::new();
+                    for (partition, offset) in &start {
+                        list.add_partition_offset(
+                            &settings.topic,
+                            *partition,
+                            Offset::Offset(*offset),
+                        )?;
+                    }
+                    consumer
+                        .assign(&list)
+                        .context("cannot assign the event topic's partitions")?;
+                    for (partition, offset) in start {
+                        next.entry(partition).or_insert(offset);
+                    }
+                    return Ok(Some(Self { consumer }));
+                }
+                Ok(_) => tracing::warn!(topic = %settings.topic, "no such topic yet; waiting"),
+                Err(error) => tracing::warn!("cannot read the event topic's partitions: {error:#}"),
+            }
+            if !pause(stop, Duration::from_secs(1)).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Up to `batch` messages: waits [`IDLE`] for the first, then `linger`.
+    async fn collect(&self, settings: &ConsumerSettings) -> Batch {
+        let mut batch = Batch::default();
+        match tokio::time::timeout(IDLE, self.consumer.recv()).await {
+            Err(_) => return batch,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return batch;
+            }
+            Ok(Ok(message)) => batch.add(&message),
+        }
+        let deadline = Instant::now() + Duration::from_millis(settings.linger_ms);
+        while batch.offsets.len() < settings.batch.max(1)
+            && batch.received.len() < settings.batch.max(1)
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.consumer.recv()).await {
+                Ok(Ok(message)) => batch.add(&message),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "kafka consumer error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        batch
     }
 }
 
@@ -379,63 +696,63 @@ where
         .collect())
 }
 
-/// Whether `next` is at or past `end` on every partition.
-fn reached(next: &BTreeMap<i32, i64>, end: &BTreeMap<i32, i64>) -> bool {
-    end.iter()
+/// Whether `next` is at or past `target` on every partition.
+pub fn reached(next: &BTreeMap<i32, i64>, target: &BTreeMap<i32, i64>) -> bool {
+    target
+        .iter()
         .all(|(partition, end)| next.get(partition).copied().unwrap_or(0) >= *end)
 }
 
-/// Messages of one batch: the decodable events, and the last offset seen
-/// per partition (undecodable messages are logged and passed over).
+/// Messages of one batch: the decodable events with where they were, the
+/// last offset seen per partition, and what did not decode.
 #[derive(Debug, Default)]
 struct Batch {
-    events: Vec<PublishedEvent>,
+    received: Vec<Received>,
     offsets: BTreeMap<i32, i64>,
+    undecodable: Vec<(i32, i64, String)>,
 }
 
 impl Batch {
     fn add(&mut self, message: &impl Message) {
-        self.offsets.insert(message.partition(), message.offset());
+        let (partition, offset) = (message.partition(), message.offset());
+        self.offsets.insert(partition, offset);
         match message
             .payload()
             .map(serde_json::from_slice::<PublishedEvent>)
         {
-            Some(Ok(event)) => self.events.push(event),
-            Some(Err(error)) => tracing::error!(
-                partition = message.partition(),
-                offset = message.offset(),
-                %error,
-                "a message on the event topic is not an event envelope; passed over"
-            ),
-            None => tracing::error!(
-                partition = message.partition(),
-                offset = message.offset(),
-                "an empty message on the event topic; passed over"
-            ),
+            Some(Ok(event)) => self.received.push(Received {
+                event,
+                partition,
+                offset,
+            }),
+            Some(Err(error)) => {
+                tracing::error!(partition, offset, %error,
+                    "a message on the event topic is not an event envelope; parked");
+                let raw = message
+                    .payload()
+                    .map(|p| {
+                        String::from_utf8_lossy(p)
+                            .chars()
+                            .take(4096)
+                            .collect::<String>()
+                    })
+                    .unwrap_or_default();
+                self.undecodable.push((
+                    partition,
+                    offset,
+                    format!("not an event envelope ({error}): {raw}"),
+                ));
+            }
+            None => {
+                tracing::error!(
+                    partition,
+                    offset,
+                    "an empty message on the event topic; parked"
+                );
+                self.undecodable
+                    .push((partition, offset, "an empty message".to_owned()));
+            }
         }
-    }
-}
-
-/// Commits `offsets` (last applied per partition). A failed commit only
-/// means the batch is applied again later, which changes nothing.
-async fn commit(consumer: &Arc<StreamConsumer>, topic: &str, offsets: &BTreeMap<i32, i64>) {
-    let mut list = TopicPartitionList::new();
-    for (partition, offset) in offsets {
-        if let Err(error) = list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
-        {
-            tracing::warn!(%error, "cannot build an offset commit");
-            return;
-        }
-    }
-    let consumer = Arc::clone(consumer);
-    let committed =
-        tokio::task::spawn_blocking(move || consumer.commit(&list, CommitMode::Sync)).await;
-    match committed {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "offset commit failed; the batch may be applied again")
-        }
-        Err(error) => tracing::warn!(%error, "offset commit task failed"),
     }
 }
 

@@ -7,18 +7,26 @@
 //! write is conditional on the version loaded, so two projector instances
 //! overlapping during a rebalance cannot overwrite each other: the loser
 //! reloads and folds again, and per-stream sequences make that idempotent.
+//!
+//! A write MongoDB refuses for good (a document over its size limit, say)
+//! must not stop every show: the batch is then applied show by show, and
+//! the events of a show that still fails are parked in `g{n}_parked` with
+//! the reason, together with every later event of that show, while the
+//! others go on (see [`ReadStore::apply_parking`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use domain::read_model::{
-    self, BookingDoc, Models, ShowDoc, Target, BOOKINGS, GENERATIONS, GENERATION_POINTER, SHOWS,
-};
+use domain::read_model::{self, BookingDoc, Models, ShowDoc, Target, BOOKINGS, SHOWS};
 use domain::PublishedEvent;
-use mongodb::bson::doc;
+use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
-use serde::{Deserialize, Serialize};
+
+use crate::generations::Generations;
+
+/// Collection (per generation) of parked events.
+pub const PARKED: &str = "parked";
 
 /// Why a batch could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -30,16 +38,38 @@ pub enum StoreError {
     /// again.
     #[error("documents kept changing under the batch ({0} attempts)")]
     Contended(u32),
+    /// Another replay or projector holds what this one needs.
+    #[error("{0}")]
+    Busy(String),
 }
 
-/// Which generation the query side reads, and which one a replay builds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pointer {
-    /// The generation answered from.
-    pub current: u32,
-    /// A generation being rebuilt, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub building: Option<u32>,
+impl StoreError {
+    /// Whether the error is about reaching MongoDB (down, restarting,
+    /// timing out), which waiting cures, rather than about what was
+    /// written, which it does not.
+    pub fn is_transient(&self) -> bool {
+        use mongodb::error::ErrorKind;
+        let Self::Mongo(error) = self else {
+            return false;
+        };
+        if error.contains_label("RetryableWriteError")
+            || error.contains_label("TransientTransactionError")
+        {
+            return true;
+        }
+        match error.kind.as_ref() {
+            ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::Shutdown => true,
+            // Not primary, shutting down, interrupted, out of time.
+            ErrorKind::Command(e) => matches!(
+                e.code,
+                6 | 7 | 50 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// What applying a batch did.
@@ -53,6 +83,20 @@ pub struct Applied {
     pub rejected: usize,
     /// Documents written.
     pub written: usize,
+    /// Events parked (their show could not be written, or an earlier
+    /// event of it was parked).
+    pub parked: usize,
+}
+
+/// An event from the topic, with where it was.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The event.
+    pub event: PublishedEvent,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
 }
 
 /// The read-model database.
@@ -93,58 +137,9 @@ impl ReadStore {
         Ok(())
     }
 
-    fn pointers(&self) -> Collection<Pointer> {
-        self.database.collection(GENERATIONS)
-    }
-
-    /// The generation pointer, created at generation 1 if there is none.
-    ///
-    /// # Errors
-    /// MongoDB errors.
-    pub async fn pointer(&self) -> Result<Pointer, StoreError> {
-        self.pointers()
-            .update_one(
-                doc! { "_id": GENERATION_POINTER },
-                doc! { "$setOnInsert": { "current": 1 } },
-            )
-            .upsert(true)
-            .await?;
-        let pointer = self
-            .pointers()
-            .find_one(doc! { "_id": GENERATION_POINTER })
-            .await?;
-        Ok(pointer.unwrap_or(Pointer {
-            current: 1,
-            building: None,
-        }))
-    }
-
-    /// Records that `generation` is being built.
-    ///
-    /// # Errors
-    /// MongoDB errors.
-    pub async fn start_building(&self, generation: u32) -> Result<(), StoreError> {
-        self.pointers()
-            .update_one(
-                doc! { "_id": GENERATION_POINTER },
-                doc! { "$set": { "building": generation } },
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Points the query side at `generation`, in one write.
-    ///
-    /// # Errors
-    /// MongoDB errors.
-    pub async fn switch_to(&self, generation: u32) -> Result<(), StoreError> {
-        self.pointers()
-            .update_one(
-                doc! { "_id": GENERATION_POINTER },
-                doc! { "$set": { "current": generation }, "$unset": { "building": "" } },
-            )
-            .await?;
-        Ok(())
+    /// The bookkeeping of generations in this database.
+    pub fn generations(&self) -> Generations {
+        Generations::new(self.database.clone())
     }
 
     /// The show documents of `generation`.
@@ -164,17 +159,33 @@ impl ReadStore {
     /// # Errors
     /// MongoDB errors.
     pub async fn prepare(&self, generation: u32) -> Result<(), StoreError> {
+        // Each index holds the whole sort of its list, `_id` included, so a
+        // page is one range scan in index order, never an in-memory sort.
         let by_user = IndexModel::builder()
-            .keys(doc! { "user_id": 1, "created_order": -1 })
-            .options(IndexOptions::builder().name("by_user".to_owned()).build())
+            .keys(doc! { "user_id": 1, "created_order": -1, "_id": -1 })
+            .options(
+                IndexOptions::builder()
+                    .name("by_user_newest".to_owned())
+                    .build(),
+            )
             .build();
         self.bookings(generation).create_index(by_user).await?;
         let by_start = IndexModel::builder()
-            .keys(doc! { "starts_order": 1 })
-            .options(IndexOptions::builder().name("by_start".to_owned()).build())
+            .keys(doc! { "starts_order": 1, "_id": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("by_start_id".to_owned())
+                    .build(),
+            )
             .build();
         self.shows(generation).create_index(by_start).await?;
         Ok(())
+    }
+
+    /// The parked events of `generation`.
+    pub fn parked(&self, generation: u32) -> Collection<Document> {
+        self.database
+            .collection(&read_model::collection_name(generation, PARKED))
     }
 
     /// Drops every collection of `generation`.
@@ -184,7 +195,144 @@ impl ReadStore {
     pub async fn drop_generation(&self, generation: u32) -> Result<(), StoreError> {
         self.shows(generation).drop().await?;
         self.bookings(generation).drop().await?;
+        self.parked(generation).drop().await?;
+        self.generations().drop_offsets(generation).await?;
         Ok(())
+    }
+
+    /// Applies `received` to `generation` like [`ReadStore::apply`], except
+    /// that a write MongoDB refuses for good does not fail the batch: the
+    /// batch is applied show by show, and the events of a show whose write
+    /// still fails are parked with the reason, as are the events of shows
+    /// in `parked_shows` (to which the failing shows are added).
+    ///
+    /// # Errors
+    /// [`StoreError`] that waiting cures ([`StoreError::is_transient`]);
+    /// the batch is then to be applied again.
+    pub async fn apply_parking(
+        &self,
+        generation: u32,
+        received: &[Received],
+        parked_shows: &mut BTreeSet<String>,
+    ) -> Result<Applied, StoreError> {
+        let (held_back, rest): (Vec<&Received>, Vec<&Received>) = received
+            .iter()
+            .partition(|r| parked_shows.contains(&r.event.show_id.to_string()));
+        let mut applied = Applied::default();
+        if !held_back.is_empty() {
+            self.park(
+                generation,
+                &held_back,
+                "an earlier event of this show is parked",
+            )
+            .await?;
+            applied.parked += held_back.len();
+        }
+        let events: Vec<PublishedEvent> = rest.iter().map(|r| r.event.clone()).collect();
+        let error = match self.apply(generation, &events).await {
+            Ok(done) => return Ok(add(applied, done)),
+            Err(error) if error.is_transient() => return Err(error),
+            Err(error) => error,
+        };
+        tracing::warn!(%error, generation, "a batch could not be written; applying it show by show");
+        let mut by_show: BTreeMap<String, Vec<&Received>> = BTreeMap::new();
+        for one in rest {
+            by_show
+                .entry(one.event.show_id.to_string())
+                .or_default()
+                .push(one);
+        }
+        for (show_id, events) in by_show {
+            let published: Vec<PublishedEvent> = events.iter().map(|r| r.event.clone()).collect();
+            match self.apply(generation, &published).await {
+                Ok(done) => applied = add(applied, done),
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    tracing::error!(%error, show_id, generation, events = events.len(),
+                        "the read models refuse this show's events; parked, the other shows go on");
+                    self.park(generation, &events, &error.to_string()).await?;
+                    applied.parked += events.len();
+                    parked_shows.insert(show_id);
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Keeps `events` aside in `g{n}_parked`, with `reason`.
+    async fn park(
+        &self,
+        generation: u32,
+        events: &[&Received],
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let now = DateTime::now();
+        let documents: Vec<Document> = events
+            .iter()
+            .map(|r| {
+                doc! {
+                    "_id": format!("{}:{}", r.partition, r.offset),
+                    "show_id": r.event.show_id.to_string(),
+                    "partition": r.partition,
+                    "offset": r.offset,
+                    "reason": reason,
+                    "event": serde_json::to_string(&r.event).unwrap_or_default(),
+                    "parked_at": now,
+                }
+            })
+            .collect();
+        match self
+            .parked(generation)
+            .insert_many(documents)
+            .ordered(false)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Parked before (the batch is being applied again).
+            Err(error) if is_duplicate_key(&error) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Keeps aside a message that is not an event at all.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn park_message(
+        &self,
+        generation: u32,
+        partition: i32,
+        offset: i64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let parked = doc! {
+            "_id": format!("{partition}:{offset}"),
+            "partition": partition,
+            "offset": offset,
+            "reason": reason,
+            "parked_at": DateTime::now(),
+        };
+        match self.parked(generation).insert_one(parked).await {
+            Ok(_) => Ok(()),
+            Err(error) if is_duplicate_key(&error) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The generation pointer (see [`crate::generations`]).
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn pointer(&self) -> Result<crate::generations::Pointer, StoreError> {
+        self.generations().pointer().await
+    }
+
+    /// How many events `generation` has parked.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn parked_count(&self, generation: u32) -> Result<u64, StoreError> {
+        Ok(self.parked(generation).count_documents(doc! {}).await?)
     }
 
     /// Applies `events` to `generation`, retrying from a fresh load when
@@ -376,7 +524,17 @@ impl Versioned for BookingDoc {
     }
 }
 
-fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
+fn add(mut total: Applied, more: Applied) -> Applied {
+    total.changed += more.changed;
+    total.skipped += more.skipped;
+    total.rejected += more.rejected;
+    total.written += more.written;
+    total.parked += more.parked;
+    total
+}
+
+/// Whether `error` is MongoDB refusing a duplicate key.
+pub(crate) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     use mongodb::error::ErrorKind;
     match error.kind.as_ref() {
         ErrorKind::BulkWrite(bulk) => bulk.write_errors.values().any(|e| e.code == 11000),

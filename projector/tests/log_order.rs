@@ -45,6 +45,7 @@ async fn a_replay_of_a_log_crossing_a_change_of_digit_count_applies_every_event_
                 database_url: writes.db.url(),
                 replay_batch: batch,
                 grace_secs: 0,
+                switch_wait_secs: 120,
             },
             &CancellationToken::new(),
         )

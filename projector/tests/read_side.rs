@@ -335,8 +335,16 @@ async fn every_read_model_follows_a_scripted_sequence() -> anyhow::Result<()> {
         Some("application/problem+json")
     );
 
+    // A well-formed token command-api did not sign: 400, no wait at all.
+    let forged = format!("v1;show={show}:0;seat=A5:99");
+    let refused = s
+        .get(&format!("/shows/{show}/availability"), Some(&forged))
+        .await?;
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert_eq!(refused.body["type"], "/problems/bad-consistency-token");
+
     // A token the read side cannot reach in time: 504, not a stale answer.
-    let future = format!("v1;show={show}:0;seat=A5:99");
+    let future = common::signed(&format!("v1;show={show}:0;seat=A5:99"))?;
     let waited = s
         .get(&format!("/shows/{show}/availability"), Some(&future))
         .await?;

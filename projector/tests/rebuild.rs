@@ -95,7 +95,10 @@ async fn a_replay_while_writes_continue_equals_the_live_models() -> anyhow::Resu
     let visible = send(
         reqwest::Client::new()
             .get(format!("{query}/shows/{}", shows[0]))
-            .header("X-Consistency-Token", format!("v1;show={}:1", shows[0])),
+            .header(
+                "X-Consistency-Token",
+                common::signed(&format!("v1;show={}:1", shows[0]))?,
+            ),
     )
     .await?;
     assert_eq!(visible.status, 200, "{visible:?}");
@@ -132,6 +135,7 @@ async fn a_replay_while_writes_continue_equals_the_live_models() -> anyhow::Resu
             database_url: writes.db.url(),
             replay_batch: 100,
             grace_secs: 1,
+            switch_wait_secs: 120,
         },
         &CancellationToken::new(),
     )

@@ -80,6 +80,7 @@ pub fn command_settings(
             relay_standby_poll_ms: 300,
             relay_ack_timeout_ms: 15_000,
         },
+        consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
         log_json: false,
     }
 }
@@ -243,6 +244,8 @@ impl ReadSide {
             startup_timeout_secs: 5,
             mongodb_timeout_ms: 2000,
             consistency_wait_ms: 5000,
+            consistency_max_waiters: 10_000,
+            consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
             log_json: false,
         };
         let app = query_api::startup::App::build(settings).await?;
@@ -398,4 +401,11 @@ pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
         content_type,
         body,
     })
+}
+
+/// `text` (a token's text form) signed as command-api signs it.
+pub fn signed(text: &str) -> anyhow::Result<String> {
+    let token: domain::ConsistencyToken = text.parse()?;
+    let key = domain::TokenKey::new(domain::consistency::DEVELOPMENT_KEY.as_bytes().to_vec())?;
+    Ok(key.sign(&token))
 }

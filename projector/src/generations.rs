@@ -1,0 +1,579 @@
+//! Who may write which read-model generation, and how far each has got.
+//!
+//! All of it lives in MongoDB, next to the read models, so that it is
+//! wiped, backed up and restored together with them:
+//!
+//! - the pointer document (`read_model_generations`, `_id: "current"`):
+//!   the generation the query side reads (`current`), the one a replay is
+//!   building (`building`, a claim with an expiry, `ready` once built), the
+//!   one the last switch left behind (`previous`, kept for a grace period),
+//!   and the live projector's lease (`lease`: holder, fencing `epoch`,
+//!   expiry). Only the lease holder switches generations, with one
+//!   conditional update that also checks the claim and the lease;
+//! - one offsets document per generation (`read_model_offsets`,
+//!   `_id: "g{n}"`): the next Kafka offset of every partition whose events
+//!   the generation holds, and the epoch of the writer that saved them.
+//!   Saving is fenced (a writer whose epoch is below the stored one changes
+//!   nothing) and monotonic (`$max` per partition), so two projectors, or a
+//!   paused one waking up, can never move a generation's offsets back or
+//!   past events it does not hold.
+//!
+//! Times are the projectors' own clocks: the lease expires `LEASE_TTL` after
+//! it was last renewed, and a standby takes over once it has expired. Hosts
+//! whose clocks disagree by more than that could both think they hold it;
+//! the epoch still keeps the offsets right.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use domain::read_model::{collection_name, GENERATIONS, GENERATION_POINTER};
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::options::ReturnDocument;
+use mongodb::{Collection, Database};
+
+use crate::store::StoreError;
+
+/// Collection of the offsets documents, one per generation.
+pub const OFFSETS: &str = "read_model_offsets";
+
+/// How long a lease or a replay's claim lasts unless renewed.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// How often a holder renews its lease or claim.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// The pointer document, as far as a writer needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pointer {
+    /// The generation the query side reads.
+    pub current: u32,
+    /// A generation a replay builds.
+    pub building: Option<Building>,
+    /// The generation the last switch replaced, until it is dropped.
+    pub previous: Option<Previous>,
+    /// The live projector's lease.
+    pub lease: Option<Lease>,
+}
+
+/// A replay's claim on the next generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Building {
+    /// The generation being built.
+    pub generation: u32,
+    /// Who builds it.
+    pub claim: String,
+    /// When the claim lapses unless renewed.
+    pub until: DateTime,
+    /// Whether it is built and caught up, waiting for the switch.
+    pub ready: bool,
+    /// How long the generation it replaces is kept after the switch.
+    pub keep: Duration,
+}
+
+/// The generation a switch replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Previous {
+    /// Its number.
+    pub generation: u32,
+    /// When requests that might still read it have certainly finished.
+    pub keep_until: DateTime,
+}
+
+/// The live projector's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Who holds it.
+    pub holder: String,
+    /// Fencing epoch: raised by every take-over.
+    pub epoch: i64,
+    /// When it lapses unless renewed.
+    pub until: DateTime,
+}
+
+/// A generation's progress through the topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offsets {
+    /// Epoch of the last writer.
+    pub epoch: i64,
+    /// Next offset per partition.
+    pub next: BTreeMap<i32, i64>,
+    /// Shows whose events are parked (see [`crate::store`]): every later
+    /// event of theirs is parked too, so that none is applied out of order.
+    pub parked_shows: BTreeSet<String>,
+}
+
+/// What saving offsets found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// Saved.
+    Saved,
+    /// A writer with a higher epoch saved them: this one must stop.
+    Fenced,
+    /// The document is gone (the database was wiped or restored): start
+    /// over from what MongoDB holds.
+    Vanished,
+}
+
+/// The generations' bookkeeping in one database.
+#[derive(Debug, Clone)]
+pub struct Generations {
+    database: Database,
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn later(duration: Duration) -> DateTime {
+    DateTime::from_millis(
+        DateTime::now()
+            .timestamp_millis()
+            .saturating_add(millis(duration)),
+    )
+}
+
+fn generation_of(value: Option<&Bson>) -> Option<u32> {
+    match value? {
+        Bson::Int32(n) => u32::try_from(*n).ok(),
+        Bson::Int64(n) => u32::try_from(*n).ok(),
+        Bson::Double(n) if n.fract() == 0.0 && *n >= 0.0 => Some(*n as u32),
+        _ => None,
+    }
+}
+
+fn int_of(value: Option<&Bson>) -> Option<i64> {
+    match value? {
+        Bson::Int32(n) => Some(i64::from(*n)),
+        Bson::Int64(n) => Some(*n),
+        _ => None,
+    }
+}
+
+impl Pointer {
+    /// Reads the stored document; tolerant of the shape older releases
+    /// wrote (`building` as a bare number: a replay of an older build,
+    /// treated as a lapsed claim).
+    pub fn of(document: &Document) -> Self {
+        let building = document.get_document("building").ok().and_then(|b| {
+            Some(Building {
+                generation: generation_of(b.get("generation"))?,
+                claim: b.get_str("claim").ok()?.to_owned(),
+                until: *b.get_datetime("until").ok()?,
+                ready: b.get_bool("ready").unwrap_or(false),
+                keep: Duration::from_millis(
+                    int_of(b.get("keep_ms"))
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .unwrap_or(30_000),
+                ),
+            })
+        });
+        let building = building.or_else(|| {
+            generation_of(document.get("building")).map(|generation| Building {
+                generation,
+                claim: String::new(),
+                until: DateTime::MIN,
+                ready: false,
+                keep: Duration::ZERO,
+            })
+        });
+        let previous = document.get_document("previous").ok().and_then(|p| {
+            Some(Previous {
+                generation: generation_of(p.get("generation"))?,
+                keep_until: *p.get_datetime("keep_until").ok()?,
+            })
+        });
+        let lease = document.get_document("lease").ok().and_then(|l| {
+            Some(Lease {
+                holder: l.get_str("holder").ok()?.to_owned(),
+                epoch: int_of(l.get("epoch"))?,
+                until: *l.get_datetime("until").ok()?,
+            })
+        });
+        Self {
+            current: generation_of(document.get("current")).unwrap_or(1),
+            building,
+            previous,
+            lease,
+        }
+    }
+
+    /// Whether a live projector holds the lease now.
+    pub fn leased(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|lease| lease.until > DateTime::now())
+    }
+}
+
+impl Generations {
+    /// The bookkeeping of `database`.
+    pub fn new(database: Database) -> Self {
+        Self { database }
+    }
+
+    fn pointers(&self) -> Collection<Document> {
+        self.database.collection(GENERATIONS)
+    }
+
+    fn offsets(&self) -> Collection<Document> {
+        self.database.collection(OFFSETS)
+    }
+
+    /// The pointer, created at generation 1 when there is none.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn pointer(&self) -> Result<Pointer, StoreError> {
+        let pointers = self.pointers();
+        if let Some(found) = pointers
+            .find_one(doc! { "_id": GENERATION_POINTER })
+            .await?
+        {
+            return Ok(Pointer::of(&found));
+        }
+        let document = pointers
+            .find_one_and_update(
+                doc! { "_id": GENERATION_POINTER },
+                doc! { "$setOnInsert": { "current": 1_i64 } },
+            )
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await?;
+        Ok(document.as_ref().map(Pointer::of).unwrap_or(Pointer {
+            current: 1,
+            ..Pointer::default()
+        }))
+    }
+
+    /// Takes the live projector's lease for `holder` if nobody holds it
+    /// (or it lapsed), raising the epoch. `None` while another holds it.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn take_lease(&self, holder: &str) -> Result<Option<Lease>, StoreError> {
+        self.pointer().await?;
+        let now = DateTime::now();
+        let taken = self
+            .pointers()
+            .find_one_and_update(
+                doc! { "_id": GENERATION_POINTER,
+                "$or": [ { "lease": { "$exists": false } },
+                         { "lease.until": { "$lt": now } } ] },
+                doc! { "$set": { "lease.holder": holder, "lease.until": later(LEASE_TTL) },
+                "$inc": { "lease.epoch": 1_i64 } },
+            )
+            .return_document(ReturnDocument::After)
+            .await?;
+        Ok(taken.and_then(|d| Pointer::of(&d).lease))
+    }
+
+    /// Renews `lease`. False when it was lost (taken over, or the pointer
+    /// is gone).
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn renew_lease(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let renewed = self
+            .pointers()
+            .update_one(
+                doc! { "_id": GENERATION_POINTER, "lease.holder": &lease.holder,
+                "lease.epoch": lease.epoch },
+                doc! { "$set": { "lease.until": later(LEASE_TTL) } },
+            )
+            .await?;
+        Ok(renewed.matched_count == 1)
+    }
+
+    /// Gives `lease` up, so that a standby takes over at once.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.pointers()
+            .update_one(
+                doc! { "_id": GENERATION_POINTER, "lease.holder": &lease.holder,
+                "lease.epoch": lease.epoch },
+                doc! { "$set": { "lease.until": DateTime::MIN } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Claims the building slot for `claim`: the next generation, above
+    /// every one that exists, whose predecessor is to be kept `keep` after
+    /// the switch. `Err(StoreError::Busy)` while another replay's claim is
+    /// in force.
+    ///
+    /// # Errors
+    /// [`StoreError::Busy`], MongoDB errors.
+    pub async fn claim_building(
+        &self,
+        claim: &str,
+        keep: Duration,
+    ) -> Result<(Pointer, u32), StoreError> {
+        let pointer = self.pointer().await?;
+        if let Some(building) = &pointer.building {
+            if building.until > DateTime::now() {
+                return Err(StoreError::Busy(format!(
+                    "another replay is building generation {} (its claim runs until {})",
+                    building.generation,
+                    building.until.try_to_rfc3339_string().unwrap_or_default()
+                )));
+            }
+        }
+        let highest = self.highest_generation().await?;
+        let generation = [
+            pointer.current,
+            pointer.building.as_ref().map_or(0, |b| b.generation),
+            pointer.previous.as_ref().map_or(0, |p| p.generation),
+            highest,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+            + 1;
+        let now = DateTime::now();
+        let claimed = self
+            .pointers()
+            .update_one(
+                doc! { "_id": GENERATION_POINTER, "current": i64::from(pointer.current),
+                "$or": [ { "building": { "$exists": false } },
+                         { "building": { "$type": "number" } },
+                         { "building.until": { "$lt": now } } ] },
+                doc! { "$set": { "building": { "generation": i64::from(generation), "claim": claim,
+                "until": later(LEASE_TTL), "ready": false,
+                "keep_ms": millis(keep) } } },
+            )
+            .await?;
+        if claimed.matched_count != 1 {
+            return Err(StoreError::Busy(
+                "another replay claimed the next generation first".to_owned(),
+            ));
+        }
+        Ok((pointer, generation))
+    }
+
+    /// Renews a building claim; `ready` marks the generation built. False
+    /// when the claim was lost.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn renew_claim(&self, claim: &str, ready: bool) -> Result<bool, StoreError> {
+        let mut set = doc! { "building.until": later(LEASE_TTL) };
+        if ready {
+            set.insert("building.ready", true);
+        }
+        let renewed = self
+            .pointers()
+            .update_one(
+                doc! { "_id": GENERATION_POINTER, "building.claim": claim },
+                doc! { "$set": set },
+            )
+            .await?;
+        Ok(renewed.matched_count == 1)
+    }
+
+    /// Gives a claim up (a replay that failed), leaving `current` as it is.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn abandon_claim(&self, claim: &str) -> Result<(), StoreError> {
+        self.pointers()
+            .update_one(
+                doc! { "_id": GENERATION_POINTER, "building.claim": claim },
+                doc! { "$unset": { "building": "" } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Points the query side from `from` to `to`, if `to` is the ready
+    /// generation being built and `lease` is still held. `keep` is how long
+    /// `from` must outlive the switch. Whether it switched.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn switch(
+        &self,
+        from: u32,
+        to: u32,
+        lease: &Lease,
+        keep: Duration,
+    ) -> Result<bool, StoreError> {
+        let switched = self
+            .pointers()
+            .update_one(
+                doc! { "_id": GENERATION_POINTER, "current": i64::from(from),
+                "building.generation": i64::from(to), "building.ready": true,
+                "lease.holder": &lease.holder, "lease.epoch": lease.epoch },
+                doc! { "$set": { "current": i64::from(to),
+                          "previous": { "generation": i64::from(from),
+                                        "keep_until": later(keep) } },
+                "$unset": { "building": "" } },
+            )
+            .await?;
+        Ok(switched.matched_count == 1)
+    }
+
+    /// Forgets `previous` once it is dropped.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn forget_previous(&self, generation: u32) -> Result<(), StoreError> {
+        self.pointers()
+            .update_one(
+                doc! { "_id": GENERATION_POINTER, "previous.generation": i64::from(generation) },
+                doc! { "$unset": { "previous": "" } },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The highest generation number among the read-model collections.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn highest_generation(&self) -> Result<u32, StoreError> {
+        Ok(self
+            .existing_generations()
+            .await?
+            .into_iter()
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// Every generation some collection belongs to.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn existing_generations(&self) -> Result<BTreeSet<u32>, StoreError> {
+        let names = self.database.list_collection_names().await?;
+        Ok(names
+            .iter()
+            .filter_map(|name| {
+                let rest = name.strip_prefix('g')?;
+                let (number, _) = rest.split_once('_')?;
+                number.parse().ok()
+            })
+            .collect())
+    }
+
+    /// The offsets of `generation`, if it has any.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn offsets_of(&self, generation: u32) -> Result<Option<Offsets>, StoreError> {
+        let found = self
+            .offsets()
+            .find_one(doc! { "_id": offsets_id(generation) })
+            .await?;
+        Ok(found.map(|document| {
+            let next = document
+                .get_document("next")
+                .map(|next| {
+                    next.iter()
+                        .filter_map(|(partition, offset)| {
+                            Some((partition.parse().ok()?, int_of(Some(offset))?))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let parked_shows = document
+                .get_array("parked_shows")
+                .map(|shows| {
+                    shows
+                        .iter()
+                        .filter_map(|s| s.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Offsets {
+                epoch: int_of(document.get("epoch")).unwrap_or(0),
+                next,
+                parked_shows,
+            }
+        }))
+    }
+
+    /// Saves `next` (and any newly parked shows) for `generation` as
+    /// written by `epoch`. `exists` says whether the writer saw the
+    /// document before: one that vanished since is reported, not
+    /// recreated.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn save_offsets(
+        &self,
+        generation: u32,
+        epoch: i64,
+        next: &BTreeMap<i32, i64>,
+        parked_shows: &BTreeSet<String>,
+        exists: bool,
+    ) -> Result<Saved, StoreError> {
+        let mut max = Document::new();
+        for (partition, offset) in next {
+            max.insert(format!("next.{partition}"), *offset);
+        }
+        let mut update = doc! { "$set": { "epoch": epoch } };
+        if !max.is_empty() {
+            update.insert("$max", max);
+        }
+        if !parked_shows.is_empty() {
+            let shows: Vec<&String> = parked_shows.iter().collect();
+            update.insert("$addToSet", doc! { "parked_shows": { "$each": shows } });
+        }
+        let filter = doc! { "_id": offsets_id(generation), "epoch": { "$lte": epoch } };
+        let result = self
+            .offsets()
+            .update_one(filter, update)
+            .upsert(!exists)
+            .await;
+        match result {
+            Ok(result) if result.matched_count == 1 || result.upserted_id.is_some() => {
+                Ok(Saved::Saved)
+            }
+            Ok(_) => match self.offsets_of(generation).await? {
+                Some(_) => Ok(Saved::Fenced),
+                None => Ok(Saved::Vanished),
+            },
+            Err(error) if crate::store::is_duplicate_key(&error) => Ok(Saved::Fenced),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Forgets the offsets of a dropped generation.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn drop_offsets(&self, generation: u32) -> Result<(), StoreError> {
+        self.offsets()
+            .delete_one(doc! { "_id": offsets_id(generation) })
+            .await?;
+        Ok(())
+    }
+}
+
+/// `_id` of a generation's offsets document: its collections' prefix.
+fn offsets_id(generation: u32) -> String {
+    collection_name(generation, "")
+        .trim_end_matches('_')
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use mongodb::bson::doc;
+
+    use super::{offsets_id, Pointer};
+
+    #[test]
+    fn pointers_of_older_releases_read_as_lapsed_claims() {
+        let old = Pointer::of(&doc! { "_id": "current", "current": 3, "building": 4 });
+        assert_eq!(old.current, 3);
+        let building = old.building.clone().expect("the old claim");
+        assert_eq!(building.generation, 4);
+        assert!(building.until < mongodb::bson::DateTime::now());
+        assert!(!old.leased());
+        assert_eq!(offsets_id(12), "g12");
+    }
+}
