@@ -100,18 +100,25 @@ pub struct Offsets {
     /// Shows whose events are parked (see [`crate::store`]): every later
     /// event of theirs is parked too, so that none is applied out of order.
     pub parked_shows: BTreeSet<String>,
+    /// How many times the document was saved: each save expects the count
+    /// its writer last saw, so a document restored from a backup, or saved
+    /// by anyone else, sends the writer back to what MongoDB holds.
+    pub saves: i64,
 }
 
 /// What saving offsets found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Saved {
-    /// Saved.
-    Saved,
+    /// Saved; the document's save count is now this.
+    Saved(i64),
     /// A writer with a higher epoch saved them: this one must stop.
     Fenced,
-    /// The document is gone (the database was wiped or restored): start
-    /// over from what MongoDB holds.
+    /// The document is gone (the database was wiped): start over from what
+    /// MongoDB holds.
     Vanished,
+    /// The document is not the one this writer last saw (restored from a
+    /// backup, or saved by another): start over from what MongoDB holds.
+    Moved,
 }
 
 /// The generations' bookkeeping in one database.
@@ -246,7 +253,8 @@ impl Generations {
     }
 
     /// Takes the live projector's lease for `holder` if nobody holds it
-    /// (or it lapsed), raising the epoch. `None` while another holds it.
+    /// (or it lapsed), with an epoch above every earlier one. `None` while
+    /// another holds it.
     ///
     /// # Errors
     /// MongoDB errors.
@@ -264,7 +272,38 @@ impl Generations {
             )
             .return_document(ReturnDocument::After)
             .await?;
-        Ok(taken.and_then(|d| Pointer::of(&d).lease))
+        let Some(lease) = taken.and_then(|d| Pointer::of(&d).lease) else {
+            return Ok(None);
+        };
+        // A pointer re-created after a wipe starts its epochs again, while
+        // offsets saved in between may carry higher ones: the new epoch
+        // must be above every epoch any offsets carry, or it would be
+        // fenced out of them.
+        let floor = self.highest_epoch().await?;
+        if lease.epoch > floor {
+            return Ok(Some(lease));
+        }
+        let raised = self
+            .pointers()
+            .find_one_and_update(
+                doc! { "_id": GENERATION_POINTER, "lease.holder": holder,
+                "lease.epoch": lease.epoch },
+                doc! { "$set": { "lease.epoch": floor + 1 } },
+            )
+            .return_document(ReturnDocument::After)
+            .await?;
+        Ok(raised.and_then(|d| Pointer::of(&d).lease))
+    }
+
+    /// The highest epoch of any offsets document.
+    async fn highest_epoch(&self) -> Result<i64, StoreError> {
+        let highest = self
+            .offsets()
+            .find_one(doc! {})
+            .sort(doc! { "epoch": -1 })
+            .projection(doc! { "epoch": 1 })
+            .await?;
+        Ok(highest.and_then(|d| int_of(d.get("epoch"))).unwrap_or(0))
     }
 
     /// Renews `lease`. False when it was lost (taken over, or the pointer
@@ -374,17 +413,21 @@ impl Generations {
     }
 
     /// Gives a claim up (a replay that failed), leaving `current` as it is.
+    /// Whether the claim was still there to give up: once it is gone no
+    /// switch to its generation can happen; if it was not, a switch may
+    /// have consumed it.
     ///
     /// # Errors
     /// MongoDB errors.
-    pub async fn abandon_claim(&self, claim: &str) -> Result<(), StoreError> {
-        self.pointers()
+    pub async fn abandon_claim(&self, claim: &str) -> Result<bool, StoreError> {
+        let abandoned = self
+            .pointers()
             .update_one(
                 doc! { "_id": GENERATION_POINTER, "building.claim": claim },
                 doc! { "$unset": { "building": "" } },
             )
             .await?;
-        Ok(())
+        Ok(abandoned.matched_count == 1)
     }
 
     /// Points the query side from `from` to `to`, if `to` is the ready
@@ -491,14 +534,15 @@ impl Generations {
                 epoch: int_of(document.get("epoch")).unwrap_or(0),
                 next,
                 parked_shows,
+                saves: int_of(document.get("saves")).unwrap_or(0),
             }
         }))
     }
 
     /// Saves `next` (and any newly parked shows) for `generation` as
-    /// written by `epoch`. `exists` says whether the writer saw the
-    /// document before: one that vanished since is reported, not
-    /// recreated.
+    /// written by `epoch`, if the document is still the one its writer last
+    /// saw (`saves`: its save count then; `None`: there was none, so it is
+    /// created).
     ///
     /// # Errors
     /// MongoDB errors.
@@ -508,13 +552,31 @@ impl Generations {
         epoch: i64,
         next: &BTreeMap<i32, i64>,
         parked_shows: &BTreeSet<String>,
-        exists: bool,
+        saves: Option<i64>,
     ) -> Result<Saved, StoreError> {
+        let Some(saves) = saves else {
+            let mut positions = Document::new();
+            for (partition, offset) in next {
+                positions.insert(partition.to_string(), *offset);
+            }
+            let created = doc! {
+                "_id": offsets_id(generation), "epoch": epoch, "saves": 1_i64,
+                "next": positions,
+                "parked_shows": parked_shows.iter().collect::<Vec<_>>(),
+            };
+            return match self.offsets().insert_one(created).await {
+                Ok(_) => Ok(Saved::Saved(1)),
+                Err(error) if crate::store::is_duplicate_key(&error) => {
+                    self.why_not_saved(generation, epoch).await
+                }
+                Err(error) => Err(error.into()),
+            };
+        };
         let mut max = Document::new();
         for (partition, offset) in next {
             max.insert(format!("next.{partition}"), *offset);
         }
-        let mut update = doc! { "$set": { "epoch": epoch } };
+        let mut update = doc! { "$set": { "epoch": epoch }, "$inc": { "saves": 1_i64 } };
         if !max.is_empty() {
             update.insert("$max", max);
         }
@@ -522,23 +584,49 @@ impl Generations {
             let shows: Vec<&String> = parked_shows.iter().collect();
             update.insert("$addToSet", doc! { "parked_shows": { "$each": shows } });
         }
-        let filter = doc! { "_id": offsets_id(generation), "epoch": { "$lte": epoch } };
-        let result = self
-            .offsets()
-            .update_one(filter, update)
-            .upsert(!exists)
-            .await;
-        match result {
-            Ok(result) if result.matched_count == 1 || result.upserted_id.is_some() => {
-                Ok(Saved::Saved)
-            }
-            Ok(_) => match self.offsets_of(generation).await? {
-                Some(_) => Ok(Saved::Fenced),
-                None => Ok(Saved::Vanished),
-            },
-            Err(error) if crate::store::is_duplicate_key(&error) => Ok(Saved::Fenced),
-            Err(error) => Err(error.into()),
+        let mut filter = doc! { "_id": offsets_id(generation), "epoch": { "$lte": epoch } };
+        if saves == 0 {
+            // Documents of an older release kept no count.
+            filter.insert(
+                "$or",
+                vec![
+                    doc! { "saves": 0_i64 },
+                    doc! { "saves": { "$exists": false } },
+                ],
+            );
+        } else {
+            filter.insert("saves", saves);
         }
+        let result = self.offsets().update_one(filter, update).await?;
+        if result.matched_count == 1 {
+            return Ok(Saved::Saved(saves + 1));
+        }
+        self.why_not_saved(generation, epoch).await
+    }
+
+    async fn why_not_saved(&self, generation: u32, epoch: i64) -> Result<Saved, StoreError> {
+        Ok(match self.offsets_of(generation).await? {
+            None => Saved::Vanished,
+            Some(found) if found.epoch > epoch => Saved::Fenced,
+            Some(_) => Saved::Moved,
+        })
+    }
+
+    /// Raises `generation`'s offsets to `epoch` without moving them, so that
+    /// no writer of an older epoch, nor one that saw them before, can save
+    /// them any more. False if a writer of a higher epoch saved them.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn fence(&self, generation: u32, epoch: i64) -> Result<bool, StoreError> {
+        let fenced = self
+            .offsets()
+            .update_one(
+                doc! { "_id": offsets_id(generation), "epoch": { "$lte": epoch } },
+                doc! { "$set": { "epoch": epoch }, "$inc": { "saves": 1_i64 } },
+            )
+            .await?;
+        Ok(fenced.matched_count == 1 || self.offsets_of(generation).await?.is_none())
     }
 
     /// Forgets the offsets of a dropped generation.

@@ -260,14 +260,22 @@ impl Projection {
                 .project(generation, offsets, lease.epoch, Goal::FollowPointer, lost)
                 .await?
             {
-                Ended::Ready(to) => {
-                    if let Err(error) = self.switch_over(generation, to, lease, lost).await {
+                Ended::Ready(to) => match self.switch_over(generation, to, lease, lost).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.status.update(|r| {
+                            r.last_error =
+                                Some(format!("the switch to generation {to} did not happen"));
+                        });
+                        pause(lost, Duration::from_secs(1)).await;
+                    }
+                    Err(error) => {
                         tracing::warn!("switching to generation {to} failed; retrying: {error:#}");
                         self.status
                             .update(|r| r.last_error = Some(format!("{error:#}")));
                         pause(lost, Duration::from_secs(1)).await;
                     }
-                }
+                },
                 Ended::Fenced => return Ok(()),
                 Ended::Stopped | Ended::Restart | Ended::Reached => {}
             }
@@ -298,12 +306,24 @@ impl Projection {
         stop: &CancellationToken,
     ) -> anyhow::Result<bool> {
         self.status.update(|r| r.role = Role::Switching);
-        let target = self
+        // No writer of an older epoch (one paused past its lease, say) may
+        // save `from` after this, and the target covers whatever such a
+        // writer may have applied without saving: `from` never holds an
+        // event beyond where the topic ends now.
+        anyhow::ensure!(
+            self.generations.fence(from, lease.epoch).await?,
+            "generation {from} is written by a projector of a later epoch"
+        );
+        let mut target = self
             .generations
             .offsets_of(from)
             .await?
             .map(|o| o.next)
             .unwrap_or_default();
+        for (partition, end) in self.topic_end().await? {
+            let at = target.entry(partition).or_insert(end);
+            *at = (*at).max(end);
+        }
         let keep = self
             .generations
             .pointer()
@@ -321,8 +341,12 @@ impl Projection {
         let ended = self
             .project(to, start, lease.epoch, Goal::Reach(target), stop)
             .await?;
-        if ended != Ended::Reached {
-            return Ok(false);
+        match ended {
+            Ended::Reached => {}
+            Ended::Fenced => {
+                anyhow::bail!("generation {to} is written by a projector of a later epoch")
+            }
+            Ended::Stopped | Ended::Ready(_) | Ended::Restart => return Ok(false),
         }
         let switched = self.generations.switch(from, to, lease, keep).await?;
         if switched {
@@ -352,7 +376,7 @@ impl Projection {
         goal: Goal,
         stop: &CancellationToken,
     ) -> anyhow::Result<Ended> {
-        let mut exists = start.is_some();
+        let mut saves = start.as_ref().map(|o| o.saves);
         let mut state = start.unwrap_or_default();
         let Some(feed) = Feed::open(&self.settings, &mut state.next, stop).await? else {
             return Ok(Ended::Stopped);
@@ -405,10 +429,10 @@ impl Projection {
                 BTreeSet::new()
             };
             match self
-                .save(generation, epoch, &state.next, &newly, exists, stop)
+                .save(generation, epoch, &state.next, &newly, saves, stop)
                 .await
             {
-                Some(Saved::Saved) => exists = true,
+                Some(Saved::Saved(count)) => saves = Some(count),
                 Some(Saved::Fenced) => {
                     tracing::warn!(
                         generation,
@@ -420,8 +444,16 @@ impl Projection {
                 Some(Saved::Vanished) => {
                     tracing::warn!(
                         generation,
-                        "the generation's offsets vanished (database wiped or restored); \
+                        "the generation's offsets vanished (database wiped); \
                          starting over from what MongoDB holds"
+                    );
+                    return Ok(Ended::Restart);
+                }
+                Some(Saved::Moved) => {
+                    tracing::warn!(
+                        generation,
+                        "the generation's offsets are not those saved here (database \
+                         restored, or another writer); starting over from what MongoDB holds"
                     );
                     return Ok(Ended::Restart);
                 }
@@ -510,14 +542,14 @@ impl Projection {
         epoch: i64,
         next: &BTreeMap<i32, i64>,
         parked_shows: &BTreeSet<String>,
-        exists: bool,
+        saves: Option<i64>,
         stop: &CancellationToken,
     ) -> Option<Saved> {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self
                 .generations
-                .save_offsets(generation, epoch, next, parked_shows, exists)
+                .save_offsets(generation, epoch, next, parked_shows, saves)
                 .await
             {
                 Ok(saved) => return Some(saved),
@@ -541,7 +573,7 @@ impl Projection {
 
 /// Renews `lease` until `lost` is cancelled; cancels it when the lease is
 /// taken over, or when it could not be renewed for as long as it lasts.
-async fn keep_lease(generations: Generations, lease: Lease, lost: CancellationToken) {
+pub(crate) async fn keep_lease(generations: Generations, lease: Lease, lost: CancellationToken) {
     let mut renewed = Instant::now();
     while pause(&lost, RENEW_EVERY).await {
         match generations.renew_lease(&lease).await {

@@ -31,7 +31,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::generations::{Generations, LEASE_TTL, RENEW_EVERY};
-use crate::live::{pause, ConsumerSettings, Ended, Goal, Projection};
+use crate::live::{keep_lease, pause, ConsumerSettings, Ended, Goal, Projection};
 use crate::store::ReadStore;
 
 /// Settings of a replay.
@@ -119,11 +119,31 @@ pub async fn replay(
     let (events, through, log_secs) = match built {
         Ok(built) => built,
         Err(error) => {
-            if let Err(cleanup) = generations.abandon_claim(&claim).await {
-                tracing::warn!(%cleanup, "could not give the claim up; it lapses by itself");
-            }
-            if let Err(cleanup) = store.drop_generation(to).await {
-                tracing::warn!(%cleanup, "could not drop the half-built generation; the next replay does");
+            // Dropped only once no switch to it can happen any more: the
+            // claim given up here, or the pointer elsewhere and nobody
+            // building it. A switch may have consumed the claim meanwhile.
+            let droppable = match generations.abandon_claim(&claim).await {
+                Ok(true) => true,
+                Ok(false) => generations.pointer().await.is_ok_and(|p| {
+                    p.current != to && p.building.as_ref().is_none_or(|b| b.generation != to)
+                }),
+                Err(cleanup) => {
+                    tracing::warn!(%cleanup, "could not give the claim up; it lapses by itself");
+                    false
+                }
+            };
+            if droppable {
+                if let Err(cleanup) = store.drop_generation(to).await {
+                    tracing::warn!(%cleanup, "could not drop the half-built generation; the next replay does");
+                }
+            } else if generations.pointer().await.is_ok_and(|p| p.current == to) {
+                tracing::info!(
+                    to,
+                    "the live projector switched to the rebuilt generation after all"
+                );
+                return Err(error.context(format!(
+                    "the query side does read generation {to}; generation {from} was left in place"
+                )));
             }
             return Err(error);
         }
@@ -218,7 +238,7 @@ async fn build(
         "log applied, every event up to its high-water mark; catching up with the topic"
     );
     generations
-        .save_offsets(to, 0, &start, &Default::default(), false)
+        .save_offsets(to, 0, &start, &Default::default(), None)
         .await?;
 
     // Catch up until a round finds the live generation nearly reached: the
@@ -289,7 +309,16 @@ async fn wait_for_switch(
                     to,
                     "no live projector holds the lease; switching over here"
                 );
-                let switched = projection.switch_over(from, to, &lease, lost).await;
+                // Renewed while it works, as the live projector's would be.
+                let held = lost.child_token();
+                let (switched, ()) = tokio::join!(
+                    async {
+                        let switched = projection.switch_over(from, to, &lease, &held).await;
+                        held.cancel();
+                        switched
+                    },
+                    keep_lease(generations.clone(), lease.clone(), held.clone()),
+                );
                 generations.release_lease(&lease).await?;
                 if switched? {
                     return Ok(());
@@ -355,18 +384,21 @@ async fn keep_claim(
             .await
         {
             Ok(true) => renewed = Instant::now(),
-            Ok(false) => {
-                if generations
-                    .pointer()
-                    .await
-                    .is_ok_and(|p| p.current == generation)
-                {
-                    // Switched to: the claim has done its work.
-                    return;
+            Ok(false) => match generations.pointer().await {
+                // Switched to: the claim has done its work.
+                Ok(pointer) if pointer.current == generation => return,
+                Ok(_) => {
+                    tracing::warn!(%claim, "the replay's claim was taken over");
+                    lost.cancel();
                 }
-                tracing::warn!(%claim, "the replay's claim was taken over");
-                lost.cancel();
-            }
+                Err(error) if renewed.elapsed() >= LEASE_TTL => {
+                    tracing::warn!(%error, "the replay's claim could not be checked in time");
+                    lost.cancel();
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "checking the replay's claim failed; retrying")
+                }
+            },
             Err(error) if renewed.elapsed() >= LEASE_TTL => {
                 tracing::warn!(%error, "the replay's claim could not be renewed in time");
                 lost.cancel();

@@ -48,26 +48,12 @@ impl StoreError {
     /// timing out), which waiting cures, rather than about what was
     /// written, which it does not.
     pub fn is_transient(&self) -> bool {
-        use mongodb::error::ErrorKind;
-        let Self::Mongo(error) = self else {
-            return false;
-        };
-        if error.contains_label("RetryableWriteError")
-            || error.contains_label("TransientTransactionError")
-        {
-            return true;
-        }
-        match error.kind.as_ref() {
-            ErrorKind::Io(_)
-            | ErrorKind::ConnectionPoolCleared { .. }
-            | ErrorKind::ServerSelection { .. }
-            | ErrorKind::Shutdown => true,
-            // Not primary, shutting down, interrupted, out of time.
-            ErrorKind::Command(e) => matches!(
-                e.code,
-                6 | 7 | 50 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436
-            ),
-            _ => false,
+        match self {
+            Self::Mongo(error) => mongo_transient(error),
+            // Two writers at once (one about to lose its lease): the next
+            // attempt, after a pause, finds one of them gone.
+            Self::Contended(_) => true,
+            Self::Busy(_) => false,
         }
     }
 }
@@ -482,7 +468,8 @@ impl ReadStore {
                 Ok(Some(count))
             }
             Ok(_) => Ok(None),
-            Err(error) if is_duplicate_key(&error) => Ok(None),
+            // Another writer inserted the same document first: reload.
+            Err(error) if is_duplicate_id(&error) => Ok(None),
             Err(error) => Err(error.into()),
         }
     }
@@ -535,10 +522,83 @@ fn add(mut total: Applied, more: Applied) -> Applied {
 
 /// Whether `error` is MongoDB refusing a duplicate key.
 pub(crate) fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
-    use mongodb::error::ErrorKind;
+    write_errors(error).iter().any(|(code, _)| *code == 11000)
+}
+
+/// Whether `error` is a duplicate of a document's `_id` only: two writers
+/// inserting the same document, which reloading settles. A duplicate in any
+/// other unique index is the data's own, and writing again changes nothing.
+fn is_duplicate_id(error: &mongodb::error::Error) -> bool {
+    let errors = write_errors(error);
+    !errors.is_empty()
+        && errors
+            .iter()
+            .all(|(code, message)| *code == 11000 && message.contains("index: _id_ "))
+}
+
+/// The per-document write errors of a failed write, of whatever kind:
+/// their codes and messages.
+fn write_errors(error: &mongodb::error::Error) -> Vec<(i32, &str)> {
+    use mongodb::error::{ErrorKind, WriteFailure};
     match error.kind.as_ref() {
-        ErrorKind::BulkWrite(bulk) => bulk.write_errors.values().any(|e| e.code == 11000),
-        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(e)) => e.code == 11000,
-        _ => false,
+        ErrorKind::BulkWrite(bulk) => bulk
+            .write_errors
+            .values()
+            .map(|e| (e.code, e.message.as_str()))
+            .collect(),
+        ErrorKind::InsertMany(many) => many
+            .write_errors
+            .iter()
+            .flatten()
+            .map(|e| (e.code, e.message.as_str()))
+            .collect(),
+        ErrorKind::Write(WriteFailure::WriteError(e)) => vec![(e.code, e.message.as_str())],
+        _ => Vec::new(),
     }
+}
+
+/// Whether `error` is about reaching MongoDB rather than about what was
+/// written (see [`StoreError::is_transient`]).
+fn mongo_transient(error: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    if error.contains_label("RetryableWriteError")
+        || error.contains_label("TransientTransactionError")
+    {
+        return true;
+    }
+    // Not primary, shutting down, interrupted, out of time, write concern
+    // not met in time.
+    let transient_code = |code: i32| {
+        matches!(
+            code,
+            6 | 7 | 50 | 64 | 89 | 91 | 189 | 262 | 9001 | 10107 | 11600 | 11602 | 13435 | 13436
+        )
+    };
+    let here = match error.kind.as_ref() {
+        ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::Shutdown => true,
+        ErrorKind::Command(e) => transient_code(e.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(e)) => transient_code(e.code),
+        // Only the write concern failed: every document was written.
+        ErrorKind::BulkWrite(bulk) => {
+            bulk.write_errors.is_empty()
+                && bulk
+                    .write_concern_errors
+                    .iter()
+                    .all(|e| transient_code(e.code))
+        }
+        ErrorKind::InsertMany(many) => {
+            many.write_errors.as_ref().is_none_or(Vec::is_empty)
+                && many
+                    .write_concern_error
+                    .as_ref()
+                    .is_some_and(|e| transient_code(e.code))
+        }
+        _ => false,
+    };
+    here || std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<mongodb::error::Error>())
+        .is_some_and(mongo_transient)
 }

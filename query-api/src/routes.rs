@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use domain::read_model::{BookingDoc, SeatDoc, ShowDoc};
+use domain::read_model::{BookingDoc, SeatDoc, ShowDoc, BOOKINGS, SHOWS};
 use domain::{BookingId, ConsistencyToken, SeatStatus, ShowId, UserId, CONSISTENCY_HEADER};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
@@ -258,7 +258,6 @@ pub async fn list_shows(
     if let Some(token) = token(&reads, &headers)? {
         wait_for_show(&reads, &token).await?;
     }
-    let generation = reads.generation()?;
     let filter = match &after {
         Some((starts, id)) => doc! { "$or": [
         { "starts_order": { "$gt": starts } },
@@ -270,17 +269,29 @@ pub async fn list_shows(
         .sort(doc! { "starts_order": 1, "_id": 1 })
         .limit(limit + 1)
         .build();
-    let mut shows: Vec<ShowDoc> = reads
-        .bounded(async {
-            reads
-                .shows(generation)
-                .find(filter)
-                .with_options(options)
-                .await?
-                .try_collect()
-                .await
-        })
-        .await?;
+    let mut generation = reads.generation()?;
+    let mut shows: Vec<ShowDoc> = loop {
+        let page: Vec<ShowDoc> = reads
+            .bounded(async {
+                reads
+                    .shows(generation)
+                    .find(filter.clone())
+                    .with_options(options.clone())
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        // An empty page from a generation that was just replaced, or from
+        // read models that are not there, is no answer.
+        if !page.is_empty() {
+            break page;
+        }
+        match reads.after_empty(generation, SHOWS).await? {
+            Some(now) => generation = now,
+            None => break page,
+        }
+    };
     let next = page_after(&mut shows, limit, |show| {
         format!(
             "/shows?limit={limit}&after={}.{}",
@@ -446,7 +457,7 @@ pub async fn booking(
             .await?;
         match found {
             Some(booking) => break booking,
-            None => generation = reads.after_miss(generation, "booking").await?,
+            None => generation = reads.after_miss(generation, BOOKINGS, "booking").await?,
         }
     };
     Ok(tagged(&headers, &view_of(&booking)))
@@ -469,7 +480,6 @@ pub async fn user_bookings(
     if let Some(token) = token(&reads, &headers)? {
         wait_for_bookings(&reads, &token.bookings).await?;
     }
-    let generation = reads.generation()?;
     let user = user_id.to_string();
     let filter = match &after {
         Some((created, id)) => doc! { "user_id": &user, "$or": [
@@ -481,17 +491,27 @@ pub async fn user_bookings(
         .sort(doc! { "created_order": -1, "_id": -1 })
         .limit(limit + 1)
         .build();
-    let mut bookings: Vec<BookingDoc> = reads
-        .bounded(async {
-            reads
-                .bookings(generation)
-                .find(filter)
-                .with_options(options)
-                .await?
-                .try_collect()
-                .await
-        })
-        .await?;
+    let mut generation = reads.generation()?;
+    let mut bookings: Vec<BookingDoc> = loop {
+        let page: Vec<BookingDoc> = reads
+            .bounded(async {
+                reads
+                    .bookings(generation)
+                    .find(filter.clone())
+                    .with_options(options.clone())
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
+        if !page.is_empty() {
+            break page;
+        }
+        match reads.after_empty(generation, BOOKINGS).await? {
+            Some(now) => generation = now,
+            None => break page,
+        }
+    };
     let next = page_after(&mut bookings, limit, |booking| {
         format!(
             "/users/{user}/bookings?limit={limit}&after={}.{}",
@@ -540,7 +560,7 @@ async fn find_show(
         }
         match reads.bounded(find).await? {
             Some(show) => return Ok(show),
-            None => generation = reads.after_miss(generation, "show").await?,
+            None => generation = reads.after_miss(generation, SHOWS, "show").await?,
         }
     }
 }

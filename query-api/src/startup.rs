@@ -75,6 +75,10 @@ pub struct Reads {
     generation: Arc<AtomicU32>,
     /// When the pointer was last read, in ms since `epoch`.
     pointer_read: Arc<AtomicU64>,
+    /// Refreshes started so far.
+    refreshes: Arc<AtomicU64>,
+    /// The latest refresh that stored its reading, and that reading.
+    seen: Arc<std::sync::Mutex<(u64, u32)>>,
     epoch: Instant,
     /// Longest wait for a consistency token.
     pub consistency_wait: Duration,
@@ -139,10 +143,13 @@ impl Reads {
     }
 
     /// Reads the generation pointer once. No pointer yet: generation 1.
+    /// Of refreshes that overlap, the one that started last decides, so the
+    /// generation read never steps back to one a slower, older read saw.
     ///
     /// # Errors
-    /// MongoDB errors.
+    /// MongoDB errors, or a pointer whose `current` is not a generation.
     pub async fn refresh(&self) -> Result<u32, QueryError> {
+        let ticket = self.refreshes.fetch_add(1, Ordering::Relaxed) + 1;
         let pointer: Option<Document> = self
             .bounded(
                 self.database
@@ -151,40 +158,65 @@ impl Reads {
                     .projection(doc! { "current": 1 }),
             )
             .await?;
-        let generation = pointer
-            .and_then(|p| {
-                p.get_i32("current").ok().or_else(|| {
-                    p.get_i64("current")
-                        .ok()
-                        .and_then(|g| i32::try_from(g).ok())
-                })
-            })
-            .and_then(|g| u32::try_from(g).ok())
-            .unwrap_or(1);
-        self.generation.store(generation, Ordering::Relaxed);
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.pointer_read.store(now, Ordering::Relaxed);
-        Ok(generation)
+        let generation = match pointer {
+            None => 1,
+            Some(pointer) => generation_of(pointer.get("current")).ok_or_else(|| {
+                QueryError::Unavailable("the generation pointer holds no generation".to_owned())
+            })?,
+        };
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| QueryError::Unavailable("the pointer state is poisoned".to_owned()))?;
+        if ticket > seen.0 {
+            *seen = (ticket, generation);
+            self.generation.store(generation, Ordering::Relaxed);
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.pointer_read.store(now, Ordering::Relaxed);
+        }
+        Ok(seen.1)
     }
 
-    /// What a lookup that found nothing in `generation` means: the
-    /// generation switched meanwhile (`Ok(Some(new))`, to read again), the
-    /// thing does not exist ([`QueryError::NotFound`]), or the read models
-    /// are not there at all (a 503, never a 404).
+    /// What a lookup in `collection` that found nothing in `generation`
+    /// means: the generation switched meanwhile (`Ok(Some(new))`, to read
+    /// again), the thing does not exist ([`QueryError::NotFound`]), or the
+    /// read models are not there at all (a 503, never a 404).
     ///
     /// # Errors
     /// The answer, when it is not a generation to read again.
-    pub async fn after_miss(&self, generation: u32, what: &'static str) -> Result<u32, QueryError> {
+    pub async fn after_miss(
+        &self,
+        generation: u32,
+        collection: &str,
+        what: &'static str,
+    ) -> Result<u32, QueryError> {
+        match self.after_empty(generation, collection).await? {
+            Some(now) => Ok(now),
+            None => Err(QueryError::NotFound(what)),
+        }
+    }
+
+    /// What an empty answer from `collection` of `generation` means: the
+    /// generation switched meanwhile (`Some(new)`, to read again), it is
+    /// truly empty (`None`), or the read models are not there (a 503).
+    ///
+    /// # Errors
+    /// [`QueryError::Unavailable`] when the collection does not exist.
+    pub async fn after_empty(
+        &self,
+        generation: u32,
+        collection: &str,
+    ) -> Result<Option<u32>, QueryError> {
         let now = self.refresh().await?;
         if now != generation {
-            return Ok(now);
+            return Ok(Some(now));
         }
-        let collection = read_model::collection_name(generation, SHOWS);
+        let name = read_model::collection_name(generation, collection);
         let names = self
             .bounded(
                 self.database
                     .list_collection_names()
-                    .filter(doc! { "name": &collection }),
+                    .filter(doc! { "name": &name }),
             )
             .await?;
         if names.is_empty() {
@@ -192,12 +224,25 @@ impl Reads {
                 "the read models of generation {generation} are not there"
             )));
         }
-        Err(QueryError::NotFound(what))
+        Ok(None)
     }
 
     /// The longest a request may take: its token wait and a few reads.
     pub fn request_timeout(&self) -> Duration {
         self.consistency_wait + self.mongodb_timeout * 3
+    }
+}
+
+/// A generation number as stored: an integer of any width.
+fn generation_of(value: Option<&mongodb::bson::Bson>) -> Option<u32> {
+    use mongodb::bson::Bson;
+    match value? {
+        Bson::Int32(n) => u32::try_from(*n).ok(),
+        Bson::Int64(n) => u32::try_from(*n).ok(),
+        Bson::Double(n) if n.fract() == 0.0 && *n >= 1.0 && *n <= f64::from(u32::MAX) => {
+            Some(*n as u32)
+        }
+        _ => None,
     }
 }
 
@@ -282,6 +327,8 @@ impl App {
             database,
             generation: Arc::new(AtomicU32::new(1)),
             pointer_read: Arc::new(AtomicU64::new(0)),
+            refreshes: Arc::new(AtomicU64::new(0)),
+            seen: Arc::new(std::sync::Mutex::new((0, 1))),
             epoch: Instant::now(),
             consistency_wait: Duration::from_millis(settings.consistency_wait_ms),
             mongodb_timeout: Duration::from_millis(settings.mongodb_timeout_ms),
