@@ -281,6 +281,7 @@ fn test_settings(database_url: String) -> Settings {
             relay_poll_ms: 20,
             relay_standby_poll_ms: 1000,
             relay_ack_timeout_ms: 15_000,
+            relay_in_flight: 8,
         },
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
         log_json: false,

@@ -7,12 +7,15 @@
 //! cargo run --release -p command-api --example bench_relay -- --events 20000 --rounds 3
 //! ```
 //!
-//! Each round: (1) the raw producer sends `--events` envelopes of the same
-//! size with every message in flight at once and waits for all acks; (2) the
-//! relay publishes a backlog of `--events` committed events; (3) a writer
-//! commits one event per transaction at `--rate` per second for `--seconds`
-//! while the relay runs, and each commit's latency is taken when the relay's
-//! cursor passes it. Medians over rounds are printed.
+//! Each round: (1) the raw producer sends `--events` messages exactly like
+//! the relay's (body, key, the six CloudEvents headers) with every message
+//! in flight at once and waits for all acks: the broker's ceiling for this
+//! work; (2) the relay publishes a backlog of `--events` committed events,
+//! with `--in-flight` batches in flight and with one; (3) a writer commits
+//! one event per transaction at `--rate` per second for `--seconds` while
+//! the relay runs, woken by each commit as in command-api, and each commit's
+//! latency is taken when the relay's cursor passes it. Medians over rounds
+//! are printed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -44,6 +47,11 @@ struct Args {
     /// The relay's batch size.
     #[arg(long, default_value_t = 1000)]
     batch: i64,
+    /// Batches the relay keeps in flight (`RELAY_IN_FLIGHT`); each round
+    /// also measures 1, the relay that waited for every batch's
+    /// acknowledgement before it read the next.
+    #[arg(long, default_value_t = 8)]
+    in_flight: u64,
 }
 
 fn details() -> anyhow::Result<ShowDetails> {
@@ -82,7 +90,7 @@ async fn commit_shows(pool: &sqlx::PgPool, count: usize, per_tx: usize) -> anyho
     Ok(last)
 }
 
-fn settings(topic: &str, batch: i64) -> RelaySettings {
+fn settings(topic: &str, batch: i64, in_flight: u64) -> RelaySettings {
     RelaySettings {
         kafka_brokers: kafka_brokers(),
         relay_topic: topic.to_owned(),
@@ -91,6 +99,7 @@ fn settings(topic: &str, batch: i64) -> RelaySettings {
         relay_poll_ms: 20,
         relay_standby_poll_ms: 1000,
         relay_ack_timeout_ms: 30_000,
+        relay_in_flight: in_flight,
     }
 }
 
@@ -101,26 +110,44 @@ fn cursor_at(status: &RelayStatus) -> i64 {
         .map_or(0, |c| c.global_position)
 }
 
-/// One envelope as the relay would send it, for the raw producer.
-async fn sample_body(db: &TestDatabase) -> anyhow::Result<(Vec<u8>, String)> {
+/// One envelope as the relay would send it, for the raw producer: its body,
+/// key and headers.
+async fn sample_body(
+    db: &TestDatabase,
+) -> anyhow::Result<(Vec<u8>, String, rdkafka::message::OwnedHeaders)> {
     commit_shows(&db.pool, 1, 1).await?;
     let mut conn = db.pool.acquire().await?;
     let batch = event_feed::read_after(&mut conn, &relay::Cursor::START, 1).await?;
     let event = &batch.first().context("no event")?.event;
-    Ok((serde_json::to_vec(event)?, event.key()))
+    Ok((
+        serde_json::to_vec(event)?,
+        event.key(),
+        relay::headers_of(event),
+    ))
 }
 
-async fn raw_producer(events: usize, body: &[u8], key: &str) -> anyhow::Result<f64> {
+/// The same messages as the relay sends (body, key pattern, the six
+/// CloudEvents headers), all in flight at once: the broker's ceiling for
+/// the relay's work.
+async fn raw_producer(
+    events: usize,
+    body: &[u8],
+    key: &str,
+    headers: &rdkafka::message::OwnedHeaders,
+) -> anyhow::Result<f64> {
     let topic = unique_name("bench_raw");
     // The relay creates its topic; the raw producer gets one the same way.
-    relay::ensure_topic(&settings(&topic, 1)).await?;
+    relay::ensure_topic(&settings(&topic, 1, 1)).await?;
     let producer = relay::producer(&kafka_brokers(), Duration::from_secs(60))?;
     let started = Instant::now();
     let mut acks = Vec::with_capacity(events);
     for n in 0..events {
         // Different keys spread the load over partitions as shows do.
         let key = format!("{key}{n}");
-        let record = FutureRecord::to(&topic).key(&key).payload(body);
+        let record = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(body)
+            .headers(headers.clone());
         acks.push(producer.send_result(record).map_err(|(e, _)| e)?);
     }
     for ack in acks {
@@ -129,12 +156,12 @@ async fn raw_producer(events: usize, body: &[u8], key: &str) -> anyhow::Result<f
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn relay_backlog(args: &Args) -> anyhow::Result<f64> {
+async fn relay_backlog(args: &Args, in_flight: u64) -> anyhow::Result<f64> {
     let db = TestDatabase::create().await?;
     let last = commit_shows(&db.pool, args.events, 1000).await?;
     let relay = Relay::new(
         db.pool.clone(),
-        settings(&unique_name("bench_relay"), args.batch),
+        settings(&unique_name("bench_relay"), args.batch, in_flight),
     )?;
     let status = relay.status();
     let stop = CancellationToken::new();
@@ -156,10 +183,14 @@ async fn relay_backlog(args: &Args) -> anyhow::Result<f64> {
 
 async fn relay_latency(args: &Args) -> anyhow::Result<(f64, f64)> {
     let db = TestDatabase::create().await?;
+    // Woken by the commits, as the relay inside command-api is by its
+    // process' own.
+    let commits_made = std::sync::Arc::new(tokio::sync::Notify::new());
     let relay = Relay::new(
         db.pool.clone(),
-        settings(&unique_name("bench_lat"), args.batch),
-    )?;
+        settings(&unique_name("bench_lat"), args.batch, args.in_flight),
+    )?
+    .woken_by(std::sync::Arc::clone(&commits_made));
     let status = relay.status();
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));
@@ -193,6 +224,7 @@ async fn relay_latency(args: &Args) -> anyhow::Result<(f64, f64)> {
     while Instant::now() < until {
         let position = commit_shows(&db.pool, 1, 1).await?;
         commits.push((position, Instant::now()));
+        commits_made.notify_one();
         next += gap;
         tokio::time::sleep_until(next.into()).await;
     }
@@ -233,30 +265,36 @@ fn median(mut values: Vec<f64>) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sample_db = TestDatabase::create().await?;
-    let (body, key) = sample_body(&sample_db).await?;
+    let (body, key, headers) = sample_body(&sample_db).await?;
     sample_db.drop_database().await?;
-    let (mut raw, mut relayed, mut p50s, mut p99s) = (vec![], vec![], vec![], vec![]);
+    let (mut raw, mut relayed, mut one, mut p50s, mut p99s) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for round in 1..=args.rounds {
-        let r = raw_producer(args.events, &body, &key).await?;
-        let t = relay_backlog(&args).await?;
+        let r = raw_producer(args.events, &body, &key, &headers).await?;
+        let t = relay_backlog(&args, args.in_flight).await?;
+        let o = relay_backlog(&args, 1).await?;
         let (p50, p99) = relay_latency(&args).await?;
         println!(
-            "round {round}: raw producer {r:.0} msg/s | relay {t:.0} events/s ({:.2} of raw) | commit->ack p50 {p50:.1} ms p99 {p99:.1} ms",
-            t / r
+            "round {round}: raw producer {r:.0} msg/s | relay {t:.0} events/s ({:.2} of raw) | one batch in flight {o:.0} events/s ({:.2}) | commit->ack p50 {p50:.1} ms p99 {p99:.1} ms",
+            t / r,
+            o / r
         );
         raw.push(r);
         relayed.push(t);
+        one.push(o);
         p50s.push(p50);
         p99s.push(p99);
     }
-    let (r, t) = (median(raw), median(relayed));
+    let (r, t, o) = (median(raw), median(relayed), median(one));
     println!(
-        "median of {} rounds, {} events of {} bytes, batch {}: raw producer {r:.0} msg/s, relay {t:.0} events/s, ratio {:.2}; at {}/s commits: p50 {:.1} ms, p99 {:.1} ms",
+        "median of {} rounds, {} events of {} bytes, batch {}, {} in flight: raw producer {r:.0} msg/s, relay {t:.0} events/s, ratio {:.2} (one batch in flight: {o:.0} events/s, {:.2}); at {}/s commits: p50 {:.1} ms, p99 {:.1} ms",
         args.rounds,
         args.events,
         body.len(),
         args.batch,
+        args.in_flight,
         t / r,
+        o / r,
         args.rate,
         median(p50s),
         median(p99s)

@@ -4,9 +4,13 @@
 //! It reads the log in `(tx_id, global_position)` order, only below the
 //! oldest transaction still open, so an event whose transaction commits late
 //! is published late but never skipped (a plain `global_position > last`
-//! cursor would skip it). Its cursor is stored only after Kafka acknowledged
-//! every message up to it, so a crash republishes, never loses; consumers
-//! deduplicate by `(aggregate_id, sequence)`.
+//! cursor would skip it). It keeps reading and sending while earlier
+//! messages await their acknowledgement (up to `RELAY_IN_FLIGHT` batches),
+//! and stores as its cursor the end of the longest run of batches, from the
+//! stored cursor on, that Kafka acknowledged whole; so a crash republishes,
+//! never loses, and consumers deduplicate by `(aggregate_id, sequence)`.
+//! Messages are queued to the idempotent producer in commit order, which
+//! keeps them in that order on every partition.
 //!
 //! `command-api republish` moves a topic's checkpoint back and counts the
 //! rewind; the active relay saves its cursor only while that count is the
@@ -17,12 +21,20 @@
 //! session advisory lock on a connection of its own and reads and checkpoints
 //! through that same connection, so if the connection dies the lock is gone
 //! and so is its ability to move the cursor. The others retry the lock every
-//! `RELAY_STANDBY_POLL_MS` and take over within about that long.
+//! `RELAY_STANDBY_POLL_MS` and take over within about that long. The
+//! connection asks the server to probe it (TCP keepalives and a user
+//! timeout of a few seconds), so a relay whose host freezes or vanishes
+//! loses the lock within seconds rather than after the operating system's
+//! two-hour keepalive.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
@@ -71,6 +83,10 @@ pub struct RelaySettings {
     /// retried, in ms.
     #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 15_000)]
     pub relay_ack_timeout_ms: u64,
+    /// Most batches sent and not yet acknowledged at once.
+    #[arg(long, env = "RELAY_IN_FLIGHT", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub relay_in_flight: u64,
 }
 
 /// What the relay is doing, for `/readyz`.
@@ -250,6 +266,19 @@ impl Relay {
         let mut conn = PgConnection::connect_with(&options)
             .await
             .context("connecting to postgres")?;
+        // The lock lives as long as this connection. The server probes it
+        // after 5 s of silence and drops it after three unanswered probes
+        // 2 s apart, or 10 s after data it sent went unacknowledged: a
+        // frozen or vanished host loses the lock within seconds.
+        sqlx::query(
+            "SELECT set_config('tcp_keepalives_idle', '5', false),
+                    set_config('tcp_keepalives_interval', '2', false),
+                    set_config('tcp_keepalives_count', '3', false),
+                    set_config('tcp_user_timeout', '10000', false)",
+        )
+        .execute(&mut conn)
+        .await
+        .context("setting the relay connection's keepalives")?;
         let standby_poll = Duration::from_millis(self.settings.relay_standby_poll_ms);
         loop {
             let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -285,21 +314,57 @@ impl Relay {
             report.published_through = Some(stored.cursor);
         });
         let poll = Duration::from_millis(self.settings.relay_poll_ms.max(1));
+        let in_flight_max = usize::try_from(self.settings.relay_in_flight.max(1)).unwrap_or(1);
         let mut lag_measured = Instant::now() - Duration::from_secs(60);
+        // Sent and not yet acknowledged, oldest first: each batch's last
+        // place and the acknowledgement of all of it.
+        let mut in_flight: VecDeque<(Cursor, usize, Acks)> = VecDeque::new();
+        let mut read_through = stored.cursor;
+        let mut caught_up = false;
+        // Other processes' commits are looked for `poll` after the last
+        // read, whatever the relay waited for meanwhile.
+        let mut last_read = tokio::time::Instant::now();
         while !stop.is_cancelled() {
-            let batch =
-                event_feed::read_after(&mut conn, &stored.cursor, self.settings.relay_batch)
-                    .await?;
-            if let Some(last) = batch.last() {
-                let last = last.cursor;
-                publish(&producer, topic, &batch).await?;
+            if in_flight.len() < in_flight_max && !caught_up {
+                last_read = tokio::time::Instant::now();
+                let batch =
+                    event_feed::read_after(&mut conn, &read_through, self.settings.relay_batch)
+                        .await?;
+                caught_up =
+                    i64::try_from(batch.len()).unwrap_or(i64::MAX) < self.settings.relay_batch;
+                if let Some(last) = batch.last() {
+                    let acks = send(&producer, topic, &batch)?;
+                    in_flight.push_back((last.cursor, batch.len(), acks));
+                    read_through = last.cursor;
+                }
+            }
+            // Acknowledged from the oldest on: the stored cursor moves to
+            // the end of that run, never past a batch still in flight.
+            let mut acked: Option<(Cursor, usize)> = None;
+            while let Some((cursor, count, acks)) = in_flight.front_mut() {
+                match acks.as_mut().now_or_never() {
+                    Some(result) => result?,
+                    None => break,
+                };
+                let (cursor, count) = (*cursor, *count);
+                in_flight.pop_front();
+                let total = acked.map_or(0, |(_, n)| n) + count;
+                acked = Some((cursor, total));
+            }
+            if let Some((last, published)) = acked {
                 let saved =
                     save_checkpoint(&mut conn, topic, &last, stored.rewinds, &self.instance)
                         .await?;
                 if saved || !self.follow_rewind(&mut conn, &mut stored).await? {
                     stored.cursor = last;
+                } else {
+                    // Moved back by `republish`: what is in flight goes out
+                    // anyway, and everything from the rewind is sent again.
+                    in_flight.clear();
+                    read_through = stored.cursor;
+                    caught_up = false;
                 }
-                let published = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+                let published = u64::try_from(published).unwrap_or(u64::MAX);
                 self.status.update(|report| {
                     report.published_through = Some(stored.cursor);
                     report.published += published;
@@ -310,7 +375,11 @@ impl Relay {
             // busy relay learns of a rewind when a save fails, an idle one
             // here.
             if lag_measured.elapsed() >= Duration::from_secs(1) {
-                self.follow_rewind(&mut conn, &mut stored).await?;
+                if self.follow_rewind(&mut conn, &mut stored).await? {
+                    in_flight.clear();
+                    read_through = stored.cursor;
+                    caught_up = false;
+                }
                 let (events, seconds) = lag(&mut conn, &stored.cursor).await?;
                 self.status.update(|report| {
                     report.published_through = Some(stored.cursor);
@@ -319,12 +388,30 @@ impl Relay {
                 });
                 lag_measured = Instant::now();
             }
-            if i64::try_from(batch.len()).unwrap_or(i64::MAX) < self.settings.relay_batch {
+            if in_flight.len() >= in_flight_max || (caught_up && !in_flight.is_empty()) {
+                // Nothing more to send now: wait for the oldest batch's
+                // acknowledgement (or a commit, when there is room).
+                let room = in_flight.len() < in_flight_max;
+                if let Some((_, _, acks)) = in_flight.front_mut() {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        result = acks.as_mut() => {
+                            result?;
+                            // Settled at the top of the loop.
+                            *acks = Box::pin(std::future::ready(Ok(true)));
+                        }
+                        () = self.commits.notified(), if room => caught_up = false,
+                        () = tokio::time::sleep_until(last_read + poll), if room => caught_up = false,
+                    }
+                }
+            } else if caught_up {
                 tokio::select! {
                     () = stop.cancelled() => {}
                     () = self.commits.notified() => {}
-                    () = tokio::time::sleep(poll) => {}
+                    () = tokio::time::sleep_until(last_read + poll) => {}
                 }
+                // Whatever woke it, every commit since is read together.
+                caught_up = false;
             }
         }
         Ok(())
@@ -358,6 +445,10 @@ impl Relay {
     }
 }
 
+/// The acknowledgement of a whole batch: `Ok(true)` once Kafka took every
+/// message of it.
+type Acks = Pin<Box<dyn Future<Output = anyhow::Result<bool>> + Send>>;
+
 /// Sends every event of the batch and waits until Kafka acknowledged them
 /// all. Any failure fails the whole batch: it is sent again from the
 /// same cursor.
@@ -369,40 +460,40 @@ pub async fn publish(
     topic: &str,
     batch: &[Committed],
 ) -> anyhow::Result<()> {
+    send(producer, topic, batch)?.await?;
+    Ok(())
+}
+
+/// Queues every event of the batch to the producer, in order, and returns
+/// the acknowledgement of all of them.
+///
+/// # Errors
+/// When an event cannot be encoded or queued.
+fn send(producer: &FutureProducer, topic: &str, batch: &[Committed]) -> anyhow::Result<Acks> {
     let mut acks = Vec::with_capacity(batch.len());
     for outgoing in batch {
         let event = &outgoing.event;
         let body = serde_json::to_vec(event).context("encoding an envelope")?;
         let key = event.key();
-        let ce_id = format!(
-            "{}/{}/{}",
-            event.aggregate_type, event.aggregate_id, event.sequence
-        );
-        let ce_time = event.recorded_at.to_rfc3339();
-        let headers = OwnedHeaders::new()
-            .insert(header("ce_specversion", "1.0"))
-            .insert(header("ce_type", &event.event_type))
-            .insert(header("ce_id", &ce_id))
-            .insert(header("ce_source", CE_SOURCE))
-            .insert(header("ce_time", &ce_time))
-            .insert(header("content-type", "application/json"));
         let record = FutureRecord::to(topic)
             .key(&key)
             .payload(&body)
-            .headers(headers);
+            .headers(headers_of(event));
         let ack = producer
             .send_result(record)
             .map_err(|(error, _)| error)
             .context("queueing a message")?;
         acks.push(ack);
     }
-    for ack in acks {
-        ack.await
-            .context("the producer went away")?
-            .map_err(|(error, _)| error)
-            .context("Kafka did not acknowledge a message")?;
-    }
-    Ok(())
+    Ok(Box::pin(async move {
+        for ack in acks {
+            ack.await
+                .context("the producer went away")?
+                .map_err(|(error, _)| error)
+                .context("Kafka did not acknowledge a message")?;
+        }
+        Ok(true)
+    }))
 }
 
 /// Creates the topic when it is missing.
@@ -435,6 +526,22 @@ pub async fn ensure_topic(settings: &RelaySettings) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The CloudEvents headers of a published event.
+pub fn headers_of(event: &domain::PublishedEvent) -> OwnedHeaders {
+    let ce_id = format!(
+        "{}/{}/{}",
+        event.aggregate_type, event.aggregate_id, event.sequence
+    );
+    let ce_time = event.recorded_at.to_rfc3339();
+    OwnedHeaders::new()
+        .insert(header("ce_specversion", "1.0"))
+        .insert(header("ce_type", &event.event_type))
+        .insert(header("ce_id", &ce_id))
+        .insert(header("ce_source", CE_SOURCE))
+        .insert(header("ce_time", &ce_time))
+        .insert(header("content-type", "application/json"))
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {

@@ -64,8 +64,13 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
         // scan until the table is analyzed, and where autovacuum is off that
         // is never: each load then costs O(log size) (measured: 2091 events/s
         // fell to 183/s at 80,000 events). A custom plan sees the table as
-        // it is.
-        .options([("plan_cache_mode", "force_custom_plan")]);
+        // it is. A transaction left open by a stray client holds back the
+        // relay of every process (it publishes only below the oldest open
+        // transaction): one idle in its transaction for 30 s is ended.
+        .options([
+            ("plan_cache_mode", "force_custom_plan"),
+            ("idle_in_transaction_session_timeout", "30s"),
+        ]);
     let target = format!(
         "{}:{}/{}",
         options.get_host(),

@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
             relay_poll_ms: 20,
             relay_standby_poll_ms: 300,
             relay_ack_timeout_ms: 15_000,
+            relay_in_flight: 8,
         },
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
         log_json: false,

@@ -57,6 +57,7 @@ pub fn relay_settings(topic: &str, brokers: &str) -> RelaySettings {
         relay_poll_ms: 20,
         relay_standby_poll_ms: 300,
         relay_ack_timeout_ms: 15_000,
+        relay_in_flight: 8,
     }
 }
 
