@@ -5,10 +5,19 @@
 //! query-api (which reads them), as the envelope is between the relay and
 //! the projector. Plain serde structs, so this stays free of any driver.
 //!
+//! Priced by the change: a show's seats live in block documents of at most
+//! [`BLOCK_SEATS`] seats each (a section's seats in row order, cut into
+//! blocks), next to a show document that never changes once written. A
+//! booking of two seats in a 100,000-seat stadium changes two seats and the
+//! counts of one or two blocks, and the projector writes just that
+//! (targeted `$set` and `$inc`), never a document holding every seat.
+//! `GET /shows/{id}/availability` reads a show's blocks in one indexed
+//! range, `?section=` in one narrower range.
+//!
 //! Idempotence: every document records the last sequence it applied of each
-//! stream it holds (a show document: each seat's; a booking document: its
-//! own). An event at or below that sequence changes nothing, so duplicated,
-//! replayed and redelivered messages are harmless.
+//! stream it holds (a block: each seat's; a booking: its own; a show: the
+//! show's). An event at or below that sequence changes nothing, so
+//! duplicated, replayed and redelivered messages are harmless.
 //!
 //! Time: a hold that has lapsed is stored as held until the log records the
 //! expiry; readers ask for the state *at* a time, and a lapsed hold reads as
@@ -25,8 +34,10 @@ use crate::seat::{SeatEvent, SeatStatus};
 use crate::show::{ShowDetails, ShowEvent};
 use crate::{AnyEvent, BookingState, PublishedEvent, Timestamp};
 
-/// Collection of the show documents (a show, its counts and its seats).
+/// Collection of the show documents (details and seat map).
 pub const SHOWS: &str = "shows";
+/// Collection of the block documents (seats, their counts and holds).
+pub const BLOCKS: &str = "blocks";
 /// Collection of the booking documents.
 pub const BOOKINGS: &str = "bookings";
 /// Collection (not generation-specific) naming the generation the query
@@ -34,6 +45,10 @@ pub const BOOKINGS: &str = "bookings";
 pub const GENERATIONS: &str = "read_model_generations";
 /// `_id` of the one document in [`GENERATIONS`].
 pub const GENERATION_POINTER: &str = "current";
+/// Most seats in one block document: small enough that a block is a quick
+/// read and far below MongoDB's 16 MiB, large enough that a section of a
+/// stadium is a few dozen documents.
+pub const BLOCK_SEATS: u32 = 1_000;
 
 /// The name of `collection` in read-model generation `generation`.
 pub fn collection_name(generation: u32, collection: &str) -> String {
@@ -66,12 +81,21 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, status: SeatStatus, n: i64) {
+    /// Adds `n` seats of `status`.
+    pub fn add(&mut self, status: SeatStatus, n: i64) {
         match status {
             SeatStatus::Available => self.available += n,
             SeatStatus::Held => self.held += n,
             SeatStatus::Booked => self.booked += n,
         }
+    }
+
+    /// Adds every count of `other`.
+    pub fn plus(&mut self, other: &Counts) {
+        self.total += other.total;
+        self.available += other.available;
+        self.held += other.held;
+        self.booked += other.booked;
     }
 
     fn lapse(&mut self, n: i64) {
@@ -89,7 +113,7 @@ pub struct RowDoc {
     pub seats: u32,
 }
 
-/// A section with its price, rows and counts.
+/// A section with its price and rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SectionDoc {
     /// Section name.
@@ -98,19 +122,18 @@ pub struct SectionDoc {
     pub price_cents: i64,
     /// Rows as created.
     pub rows: Vec<RowDoc>,
-    /// Seats per state, as recorded.
-    pub counts: Counts,
+    /// Seats in the section.
+    pub total: i64,
+    /// Block documents the section's seats are in.
+    pub blocks: u32,
 }
 
-/// One seat of a show document.
+/// One seat of a block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeatDoc {
     /// Status as recorded.
     #[serde(rename = "s")]
     pub status: SeatStatus,
-    /// Index of its section in `sections`.
-    #[serde(rename = "c")]
-    pub section: u32,
     /// Last sequence applied of the seat's stream (0: none yet).
     #[serde(rename = "q")]
     pub sequence: i64,
@@ -122,28 +145,36 @@ pub struct SeatDoc {
     pub expires_at: Option<String>,
 }
 
-/// A held seat, listed apart so that counts can be read without the seats.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HoldDoc {
-    /// When the hold lapses.
-    #[serde(rename = "x")]
-    pub expires_at: String,
-    /// Index of the seat's section.
-    #[serde(rename = "c")]
-    pub section: u32,
+impl SeatDoc {
+    /// A seat nobody has held yet.
+    pub fn available() -> Self {
+        Self {
+            status: SeatStatus::Available,
+            sequence: 0,
+            booking_id: None,
+            expires_at: None,
+        }
+    }
+
+    /// Its status at `now`: a lapsed hold reads as available.
+    pub fn status_at(&self, now: Timestamp) -> SeatStatus {
+        match (&self.status, &self.expires_at) {
+            (SeatStatus::Held, Some(expires_at)) if lapsed(expires_at, now) => {
+                SeatStatus::Available
+            }
+            (status, _) => *status,
+        }
+    }
 }
 
-/// A show: details, counts and every seat. Answers `GET /shows`,
-/// `GET /shows/{id}` and `GET /shows/{id}/availability`.
+/// A show: its details and seat map. Written once; answers the details of
+/// `GET /shows` and `GET /shows/{id}`, and says which block holds a seat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShowDoc {
     /// The show id.
     #[serde(rename = "_id")]
     pub show_id: String,
-    /// Write version, for optimistic concurrency between projector instances.
-    pub v: i64,
-    /// Last sequence applied of the show's own stream (0 in documents
-    /// written before it was kept; their show stream has one event).
+    /// Last sequence applied of the show's own stream.
     #[serde(default)]
     pub q: i64,
     /// Name.
@@ -156,13 +187,35 @@ pub struct ShowDoc {
     pub starts_order: i64,
     /// Sections in seat-map order.
     pub sections: Vec<SectionDoc>,
+}
+
+/// Up to [`BLOCK_SEATS`] seats of one section, their counts and the holds
+/// in force among them. `_id` is `{show_id}:{section}:{block}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDoc {
+    /// `{show_id}:{section}:{block}`.
+    #[serde(rename = "_id")]
+    pub block_id: String,
+    /// Its show.
+    pub show_id: String,
+    /// Index of its section in the show's `sections`.
+    pub section: u32,
+    /// Its place among the section's blocks.
+    pub block: u32,
     /// Seats per state, as recorded.
     pub counts: Counts,
-    /// Every seat by label (left out of reads that need only counts).
+    /// The seats, by label (left out of reads that need only counts).
     #[serde(default)]
     pub seats: BTreeMap<String, SeatDoc>,
-    /// The seats held now (as recorded), by label.
-    pub holds: BTreeMap<String, HoldDoc>,
+    /// When each held seat's hold lapses, so that counts can be read at a
+    /// time without the seats.
+    #[serde(default)]
+    pub holds: BTreeMap<String, String>,
+}
+
+/// The `_id` of a block.
+pub fn block_id(show_id: &str, section: u32, block: u32) -> String {
+    format!("{show_id}:{section}:{block}")
 }
 
 /// Why an event could not be applied.
@@ -187,78 +240,158 @@ pub enum ApplyError {
 }
 
 impl ShowDoc {
-    /// The document of a just-created show: every seat available.
-    pub fn created(details: &ShowDetails) -> Self {
-        let mut sections: Vec<SectionDoc> = details
+    /// The document of a just-created show, whose stream reached `sequence`.
+    pub fn created(details: &ShowDetails, sequence: u64) -> Self {
+        let sections = details
             .seat_map
             .sections()
             .iter()
-            .map(|section| SectionDoc {
-                name: section.name.to_string(),
-                price_cents: i64::try_from(section.price_cents.get()).unwrap_or(i64::MAX),
-                rows: section
-                    .rows
-                    .iter()
-                    .map(|row| RowDoc {
-                        row: row.row.to_string(),
-                        seats: row.seats,
-                    })
-                    .collect(),
-                counts: Counts::default(),
+            .map(|section| {
+                let total: u32 = section.rows.iter().map(|row| row.seats).sum();
+                SectionDoc {
+                    name: section.name.to_string(),
+                    price_cents: i64::try_from(section.price_cents.get()).unwrap_or(i64::MAX),
+                    rows: section
+                        .rows
+                        .iter()
+                        .map(|row| RowDoc {
+                            row: row.row.to_string(),
+                            seats: row.seats,
+                        })
+                        .collect(),
+                    total: i64::from(total),
+                    blocks: total.div_ceil(BLOCK_SEATS).max(1),
+                }
             })
             .collect();
-        let mut seats = BTreeMap::new();
-        for (index, section) in details.seat_map.sections().iter().enumerate() {
-            for row in &section.rows {
-                for number in 1..=row.seats {
-                    let Ok(label) = SeatLabel::new(row.row.clone(), number) else {
-                        continue;
-                    };
-                    let index = u32::try_from(index).unwrap_or(u32::MAX);
-                    seats.insert(
-                        label.to_string(),
-                        SeatDoc {
-                            status: SeatStatus::Available,
-                            section: index,
-                            sequence: 0,
-                            booking_id: None,
-                            expires_at: None,
-                        },
-                    );
-                }
-            }
-        }
-        let mut counts = Counts::default();
-        for seat in seats.values() {
-            if let Some(section) = sections.get_mut(seat.section as usize) {
-                section.counts.total += 1;
-                section.counts.available += 1;
-            }
-            counts.total += 1;
-            counts.available += 1;
-        }
         Self {
             show_id: details.show_id.to_string(),
-            v: 0,
-            q: 1,
+            q: i64::try_from(sequence).unwrap_or(i64::MAX),
             name: details.name.to_string(),
             venue: details.venue.to_string(),
             starts_at: format_time(details.starts_at),
             starts_order: details.starts_at.timestamp_micros(),
             sections,
-            counts,
-            seats,
-            holds: BTreeMap::new(),
         }
     }
 
-    /// Applies the `sequence`th event of a seat's stream. Returns whether
-    /// anything changed (false for an event already applied).
+    /// The show's blocks as created: every seat available.
+    pub fn blocks(&self) -> Vec<BlockDoc> {
+        let mut blocks = Vec::new();
+        for (index, section) in self.sections.iter().enumerate() {
+            let section_index = u32::try_from(index).unwrap_or(u32::MAX);
+            let mut seats = section
+                .rows
+                .iter()
+                .flat_map(|row| (1..=row.seats).map(move |number| format!("{}{number}", row.row)));
+            for block in 0..section.blocks {
+                let mut doc = BlockDoc {
+                    block_id: block_id(&self.show_id, section_index, block),
+                    show_id: self.show_id.clone(),
+                    section: section_index,
+                    block,
+                    counts: Counts::default(),
+                    seats: BTreeMap::new(),
+                    holds: BTreeMap::new(),
+                };
+                for label in seats.by_ref().take(BLOCK_SEATS as usize) {
+                    doc.seats.insert(label, SeatDoc::available());
+                }
+                let n = i64::try_from(doc.seats.len()).unwrap_or(i64::MAX);
+                doc.counts.total = n;
+                doc.counts.available = n;
+                blocks.push(doc);
+            }
+        }
+        blocks
+    }
+
+    /// The section and block of the seat `label`, `None` if the show has
+    /// no such seat.
+    pub fn block_of(&self, label: &SeatLabel) -> Option<(u32, u32)> {
+        let row = label.row().to_string();
+        let number = label.number();
+        for (index, section) in self.sections.iter().enumerate() {
+            let mut before = 0_u32;
+            for candidate in &section.rows {
+                if candidate.row == row {
+                    if number == 0 || number > candidate.seats {
+                        return None;
+                    }
+                    let position = before + number - 1;
+                    return Some((u32::try_from(index).ok()?, position / BLOCK_SEATS));
+                }
+                before += candidate.seats;
+            }
+        }
+        None
+    }
+
+    /// The `_id` of the block holding `label`.
+    pub fn block_id_of(&self, label: &SeatLabel) -> Option<String> {
+        let (section, block) = self.block_of(label)?;
+        Some(block_id(&self.show_id, section, block))
+    }
+
+    /// The index of the section named `name`.
+    pub fn section_index(&self, name: &str) -> Option<u32> {
+        self.sections
+            .iter()
+            .position(|s| s.name == name)
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// Counts of the whole show and of each section at `now`, from its
+    /// blocks (those of other shows are ignored): a lapsed hold counts as
+    /// available.
+    pub fn counts_at<'a>(
+        &self,
+        blocks: impl IntoIterator<Item = &'a BlockDoc>,
+        now: Timestamp,
+    ) -> (Counts, Vec<Counts>) {
+        let mut total = Counts::default();
+        let mut sections = vec![Counts::default(); self.sections.len()];
+        for block in blocks {
+            if block.show_id != self.show_id {
+                continue;
+            }
+            let counts = block.counts_at(now);
+            total.plus(&counts);
+            if let Some(section) = sections.get_mut(block.section as usize) {
+                section.plus(&counts);
+            }
+        }
+        (total, sections)
+    }
+}
+
+/// What applying a seat event changed in its block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeatChange {
+    /// The seat's label.
+    pub label: String,
+    /// The seat before.
+    pub before: SeatDoc,
+    /// The seat after.
+    pub after: SeatDoc,
+}
+
+impl BlockDoc {
+    /// Applies the `sequence`th event of a seat's stream. Returns what
+    /// changed (`None` for an event already applied).
+    ///
+    /// The counts change by the seat's move from one status to another, so
+    /// a block loaded with only some of its seats and zero counts ends with
+    /// the counts' change: what the projector adds with `$inc`.
     ///
     /// # Errors
-    /// [`ApplyError::UnknownSeat`].
-    pub fn apply_seat(&mut self, sequence: u64, event: &SeatEvent) -> Result<bool, ApplyError> {
-        let (label, status, booking_id, expires_at) = match event {
+    /// [`ApplyError::UnknownSeat`] for a seat the block does not hold.
+    pub fn apply_seat(
+        &mut self,
+        sequence: u64,
+        event: &SeatEvent,
+    ) -> Result<Option<SeatChange>, ApplyError> {
+        let (label, after) = match event {
             SeatEvent::SeatHeld {
                 label,
                 booking_id,
@@ -266,19 +399,25 @@ impl ShowDoc {
                 ..
             } => (
                 label,
-                SeatStatus::Held,
-                Some(booking_id.to_string()),
-                Some(format_time(*expires_at)),
+                SeatDoc {
+                    status: SeatStatus::Held,
+                    sequence: 0,
+                    booking_id: Some(booking_id.to_string()),
+                    expires_at: Some(format_time(*expires_at)),
+                },
             ),
             SeatEvent::SeatBooked {
                 label, booking_id, ..
             } => (
                 label,
-                SeatStatus::Booked,
-                Some(booking_id.to_string()),
-                None,
+                SeatDoc {
+                    status: SeatStatus::Booked,
+                    sequence: 0,
+                    booking_id: Some(booking_id.to_string()),
+                    expires_at: None,
+                },
             ),
-            SeatEvent::SeatReleased { label, .. } => (label, SeatStatus::Available, None, None),
+            SeatEvent::SeatReleased { label, .. } => (label, SeatDoc::available()),
         };
         let key = label.to_string();
         let sequence = i64::try_from(sequence).unwrap_or(i64::MAX);
@@ -290,82 +429,49 @@ impl ShowDoc {
                 label: key.clone(),
             })?;
         if sequence <= seat.sequence {
-            return Ok(false);
+            return Ok(None);
         }
         // Each seat event states the seat's whole new state, so the last one
         // applied is the truth whatever came before it.
-        let before = seat.status;
-        seat.status = status;
-        seat.sequence = sequence;
-        seat.booking_id = booking_id;
-        seat.expires_at.clone_from(&expires_at);
-        let section = seat.section;
-        if let Some(counts) = self
-            .sections
-            .get_mut(section as usize)
-            .map(|s| &mut s.counts)
-        {
-            counts.add(before, -1);
-            counts.add(status, 1);
-        }
-        self.counts.add(before, -1);
-        self.counts.add(status, 1);
-        match expires_at {
+        let before = seat.clone();
+        let after = SeatDoc { sequence, ..after };
+        *seat = after.clone();
+        self.counts.add(before.status, -1);
+        self.counts.add(after.status, 1);
+        match &after.expires_at {
             Some(expires_at) => {
-                self.holds.insert(
-                    key,
-                    HoldDoc {
-                        expires_at,
-                        section,
-                    },
-                );
+                self.holds.insert(key.clone(), expires_at.clone());
             }
             None => {
                 self.holds.remove(&key);
             }
         }
-        Ok(true)
+        Ok(Some(SeatChange {
+            label: key,
+            before,
+            after,
+        }))
     }
 
-    /// Counts of the whole show and of each section at `now`: a lapsed hold
-    /// counts as available.
-    pub fn counts_at(&self, now: Timestamp) -> (Counts, Vec<Counts>) {
-        let mut total = self.counts;
-        let mut sections: Vec<Counts> = self.sections.iter().map(|s| s.counts).collect();
-        for hold in self.holds.values() {
-            if lapsed(&hold.expires_at, now) {
-                total.lapse(1);
-                if let Some(counts) = sections.get_mut(hold.section as usize) {
-                    counts.lapse(1);
-                }
+    /// Its counts at `now`: a lapsed hold counts as available.
+    pub fn counts_at(&self, now: Timestamp) -> Counts {
+        let mut counts = self.counts;
+        for expires_at in self.holds.values() {
+            if lapsed(expires_at, now) {
+                counts.lapse(1);
             }
         }
-        (total, sections)
+        counts
     }
 
-    /// A seat's status at `now`.
-    pub fn seat_status_at(seat: &SeatDoc, now: Timestamp) -> SeatStatus {
-        match (&seat.status, &seat.expires_at) {
-            (SeatStatus::Held, Some(expires_at)) if lapsed(expires_at, now) => {
-                SeatStatus::Available
-            }
-            (status, _) => *status,
-        }
-    }
-
-    /// The show stream's last applied sequence; a document written before
-    /// it was kept holds the show's one event.
-    pub fn show_sequence(&self) -> i64 {
-        self.q.max(1)
-    }
-
-    /// Whether the seats of `labels` have applied at least these sequences.
+    /// Whether the seats of `labels` it holds have applied at least these
+    /// sequences.
     pub fn reflects_seats<'a>(
         &self,
         mut labels: impl Iterator<Item = (&'a SeatLabel, &'a u64)>,
     ) -> bool {
         labels.all(|(label, sequence)| {
-            self.seats.get(&label.to_string()).is_some_and(|seat| {
+            self.seats.get(&label.to_string()).is_none_or(|seat| {
                 u64::try_from(seat.sequence).is_ok_and(|applied| applied >= *sequence)
             })
         })
@@ -506,6 +612,8 @@ impl BookingDoc {
 pub struct Models {
     /// Show documents by show id.
     pub shows: BTreeMap<String, Option<ShowDoc>>,
+    /// Block documents by block id.
+    pub blocks: BTreeMap<String, Option<BlockDoc>>,
     /// Booking documents by booking id.
     pub bookings: BTreeMap<String, Option<BookingDoc>>,
 }
@@ -513,27 +621,53 @@ pub struct Models {
 /// The document an event lands in.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
-    /// A show document, by show id.
+    /// A show document (and its blocks, when it is created), by show id.
     Show(String),
+    /// A seat's block: the show's id and the seat's label.
+    Seat(String, SeatLabel),
     /// A booking document, by booking id.
     Booking(String),
 }
 
 /// Which document `event` lands in.
-pub fn target(event: &PublishedEvent) -> Target {
+///
+/// # Errors
+/// [`ApplyError::Undecodable`] for a seat event whose label does not parse.
+pub fn target(event: &PublishedEvent) -> Result<Target, ApplyError> {
     if event.aggregate_type == <crate::booking::Booking as cqrs_es::Aggregate>::TYPE {
-        Target::Booking(event.aggregate_id.clone())
-    } else {
-        Target::Show(event.show_id.to_string())
+        return Ok(Target::Booking(event.aggregate_id.clone()));
     }
+    if event.aggregate_type == <crate::seat::Seat as cqrs_es::Aggregate>::TYPE {
+        let id: crate::SeatId = event
+            .aggregate_id
+            .parse()
+            .map_err(|_| ApplyError::Undecodable(format!("seat id {}", event.aggregate_id)))?;
+        return Ok(Target::Seat(event.show_id.to_string(), id.label));
+    }
+    Ok(Target::Show(event.show_id.to_string()))
 }
 
 impl Models {
     /// Applies one published event. Returns whether a document changed.
+    /// A seat event needs its show's document and its block loaded (the
+    /// block with at least that seat).
     ///
     /// # Errors
     /// [`ApplyError`]: undecodable payload, orphan or unknown seat.
     pub fn apply(&mut self, event: &PublishedEvent) -> Result<bool, ApplyError> {
+        Ok(self.apply_seat_aware(event)?.is_some())
+    }
+
+    /// As [`Models::apply`], returning what a seat event changed in its
+    /// block (its block id and the change), or `Some(None)` for any other
+    /// change; `None` when nothing changed.
+    ///
+    /// # Errors
+    /// [`ApplyError`]: undecodable payload, orphan or unknown seat.
+    pub fn apply_seat_aware(
+        &mut self,
+        event: &PublishedEvent,
+    ) -> Result<Option<Option<(String, SeatChange)>>, ApplyError> {
         let decoded = event
             .decode()
             .map_err(|e| ApplyError::Undecodable(e.to_string()))?;
@@ -547,28 +681,46 @@ impl Models {
             AnyEvent::Show(ShowEvent::ShowCreated(details)) => {
                 let slot = self.shows.entry(details.show_id.to_string()).or_default();
                 if slot.is_some() {
-                    return Ok(false);
+                    return Ok(None);
                 }
-                let mut show = ShowDoc::created(&details);
-                show.q = i64::try_from(event.sequence).unwrap_or(i64::MAX);
+                let show = ShowDoc::created(&details, event.sequence);
+                for block in show.blocks() {
+                    self.blocks.insert(block.block_id.clone(), Some(block));
+                }
                 *slot = Some(show);
-                Ok(true)
+                Ok(Some(None))
             }
             AnyEvent::Seat(seat_event) => {
                 let show = self
                     .shows
-                    .get_mut(&seat_event.show_id().to_string())
+                    .get(&seat_event.show_id().to_string())
+                    .and_then(Option::as_ref)
+                    .ok_or_else(orphan)?;
+                let label = seat_event.label();
+                let block_id = show
+                    .block_id_of(label)
+                    .ok_or_else(|| ApplyError::UnknownSeat {
+                        show_id: show.show_id.clone(),
+                        label: label.to_string(),
+                    })?;
+                let block = self
+                    .blocks
+                    .get_mut(&block_id)
                     .and_then(Option::as_mut)
                     .ok_or_else(orphan)?;
-                show.apply_seat(event.sequence, &seat_event)
+                Ok(block
+                    .apply_seat(event.sequence, &seat_event)?
+                    .map(|change| Some((block_id, change))))
             }
             AnyEvent::Booking(booking_event) => {
                 let slot = self.bookings.entry(event.aggregate_id.clone()).or_default();
                 match slot {
-                    Some(booking) => Ok(booking.apply(event.sequence, &booking_event)),
+                    Some(booking) => Ok(booking
+                        .apply(event.sequence, &booking_event)
+                        .then_some(None)),
                     None if event.sequence == 1 => {
                         *slot = Some(BookingDoc::first(&booking_event).ok_or_else(orphan)?);
-                        Ok(true)
+                        Ok(Some(None))
                     }
                     None => Err(orphan()),
                 }

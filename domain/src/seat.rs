@@ -187,6 +187,15 @@ impl SeatEvent {
             | Self::SeatReleased { show_id, .. } => *show_id,
         }
     }
+
+    /// The seat this event belongs to.
+    pub fn label(&self) -> &SeatLabel {
+        match self {
+            Self::SeatHeld { label, .. }
+            | Self::SeatBooked { label, .. }
+            | Self::SeatReleased { label, .. } => label,
+        }
+    }
 }
 
 impl Seat {

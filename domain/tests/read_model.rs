@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 
 use common::{at, label, small_show_details, uuid};
 use cqrs_es::DomainEvent;
-use domain::read_model::{BookingDocStatus, Counts, Models};
+use domain::read_model::{BookingDocStatus, Counts, Models, SeatDoc};
 use domain::{
     BookedSeat, BookingDetails, BookingEvent, BookingId, BookingState, Cents, PublishedEvent,
-    ReleaseReason, SeatEvent, SeatStatus, ShowEvent, UserId,
+    ReleaseReason, SeatEvent, SeatStatus, ShowDetails, ShowEvent, Timestamp, UserId,
 };
 use proptest::prelude::*;
 use serde::Serialize;
+use serde_json::json;
 
 fn published<E: Serialize + DomainEvent>(
     aggregate_type: &str,
@@ -225,16 +226,31 @@ fn fold(events: &[PublishedEvent]) -> Models {
     models
 }
 
+/// The seat `label` of the show in `models`.
+fn seat<'a>(models: &'a Models, show_id: &str, label: &str) -> &'a SeatDoc {
+    let show = models.shows[show_id].as_ref().expect("the show");
+    let block = show
+        .block_id_of(&label.parse().expect("a label"))
+        .expect("a seat of the show");
+    &models.blocks[&block].as_ref().expect("the block").seats[label]
+}
+
+/// The show's counts at `now`, whole and per section.
+fn counts(models: &Models, show_id: &str, now: Timestamp) -> (Counts, Vec<Counts>) {
+    let show = models.shows[show_id].as_ref().expect("the show");
+    show.counts_at(models.blocks.values().flatten(), now)
+}
+
 #[test]
 fn counts_and_statuses_follow_the_history() {
     let log = history();
     let show_id = small_show_details().show_id.to_string();
     // After the confirmation: two booked seats.
     let after_confirm = fold(&log[..7]);
-    let show = after_confirm.shows[&show_id].as_ref().expect("the show");
-    let total = show.counts.total;
+    let (whole, _) = counts(&after_confirm, &show_id, at(0));
+    let total = whole.total;
     assert_eq!(
-        show.counts,
+        whole,
         Counts {
             total,
             available: total - 2,
@@ -242,15 +258,21 @@ fn counts_and_statuses_follow_the_history() {
             booked: 2
         }
     );
-    assert_eq!(show.seats["A1"].status, SeatStatus::Booked);
-    assert!(show.holds.is_empty());
+    assert_eq!(
+        seat(&after_confirm, &show_id, "A1").status,
+        SeatStatus::Booked
+    );
+    assert!(after_confirm
+        .blocks
+        .values()
+        .flatten()
+        .all(|b| b.holds.is_empty()));
 
     // B1 held until minute 5: held at minute 4, available at minute 5.
     let held = fold(&log[..9]);
-    let show = held.shows[&show_id].as_ref().expect("the show");
-    assert_eq!(show.counts_at(at(4)).0.held, 1);
+    assert_eq!(counts(&held, &show_id, at(4)).0.held, 1);
     assert_eq!(
-        show.counts_at(at(5)).0,
+        counts(&held, &show_id, at(5)).0,
         Counts {
             total,
             available: total - 2,
@@ -258,15 +280,9 @@ fn counts_and_statuses_follow_the_history() {
             booked: 2
         }
     );
-    let seat = &show.seats["B1"];
-    assert_eq!(
-        domain::read_model::ShowDoc::seat_status_at(seat, at(4)),
-        SeatStatus::Held
-    );
-    assert_eq!(
-        domain::read_model::ShowDoc::seat_status_at(seat, at(5)),
-        SeatStatus::Available
-    );
+    let b1 = seat(&held, &show_id, "B1");
+    assert_eq!(b1.status_at(at(4)), SeatStatus::Held);
+    assert_eq!(b1.status_at(at(5)), SeatStatus::Available);
     let b2 = held
         .bookings
         .values()
@@ -278,9 +294,9 @@ fn counts_and_statuses_follow_the_history() {
 
     // The end: B1 free again, booking 3 cancelled, booking 1 confirmed.
     let end = fold(&log);
-    let show = end.shows[&show_id].as_ref().expect("the show");
+    let (whole, sections) = counts(&end, &show_id, at(0));
     assert_eq!(
-        show.counts,
+        whole,
         Counts {
             total,
             available: total - 2,
@@ -288,15 +304,52 @@ fn counts_and_statuses_follow_the_history() {
             booked: 2
         }
     );
-    assert_eq!(show.seats["B1"].sequence, 4);
-    let sections: i64 = show.sections.iter().map(|s| s.counts.booked).sum();
-    assert_eq!(sections, 2);
+    assert_eq!(seat(&end, &show_id, "B1").sequence, 4);
+    let booked: i64 = sections.iter().map(|s| s.booked).sum();
+    assert_eq!(booked, 2);
     let statuses: Vec<BookingDocStatus> =
         end.bookings.values().flatten().map(|b| b.status).collect();
     assert_eq!(statuses.len(), 3);
     assert!(statuses.contains(&BookingDocStatus::Confirmed));
     assert!(statuses.contains(&BookingDocStatus::Expired));
     assert!(statuses.contains(&BookingDocStatus::Cancelled));
+}
+
+/// A stadium's seats are cut into blocks of at most `BLOCK_SEATS` seats,
+/// each seat in exactly one, in row order; a section's rows run on across
+/// block boundaries.
+#[test]
+fn a_stadium_is_cut_into_blocks_that_hold_every_seat_once() {
+    use domain::read_model::{ShowDoc, BLOCK_SEATS};
+    let details: ShowDetails = serde_json::from_value(json!({
+        "show_id": ::uuid::Uuid::new_v4(), "name": "Stadium", "venue": "Arena",
+        "starts_at": "2027-06-01T19:00:00Z",
+        "seat_map": [
+            {"name": "North", "price_cents": 5000,
+             "rows": (0..30_u8).map(|r| json!({"row": format!("N{}{}", (b'A' + r / 26) as char, (b'A' + r % 26) as char), "seats": 777})).collect::<Vec<_>>()},
+            {"name": "Box", "price_cents": 50000, "rows": [{"row": "X", "seats": 3}]}
+        ]
+    }))
+    .expect("a seat map");
+    let show = ShowDoc::created(&details, 1);
+    let blocks = show.blocks();
+    let seats: usize = blocks.iter().map(|b| b.seats.len()).sum();
+    assert_eq!(seats, 30 * 777 + 3);
+    assert!(blocks
+        .iter()
+        .all(|b| b.seats.len() <= BLOCK_SEATS as usize && b.counts.total == b.seats.len() as i64));
+    assert_eq!(
+        show.sections[0].blocks,
+        (30 * 777_u32).div_ceil(BLOCK_SEATS)
+    );
+    for block in &blocks {
+        for label in block.seats.keys() {
+            let found = show.block_id_of(&label.parse().expect("a label"));
+            assert_eq!(found.as_deref(), Some(block.block_id.as_str()), "{label}");
+        }
+    }
+    assert_eq!(show.block_of(&"NAA778".parse().expect("a label")), None);
+    assert_eq!(show.block_of(&"Q1".parse().expect("a label")), None);
 }
 
 #[test]

@@ -453,6 +453,12 @@ async fn matches_log(
         .await?
         .try_collect()
         .await?;
+    let blocks: Vec<domain::read_model::BlockDoc> = store
+        .blocks(generation)
+        .find(doc! {})
+        .await?
+        .try_collect()
+        .await?;
     let bookings: Vec<domain::read_model::BookingDoc> = store
         .bookings(generation)
         .find(doc! {})
@@ -460,10 +466,13 @@ async fn matches_log(
         .try_collect()
         .await?;
     let shows_match = shows.len() == models.shows.len()
-        && shows.into_iter().all(|mut show| {
-            show.v = 0;
-            models.shows.get(&show.show_id) == Some(&Some(show))
-        });
+        && shows
+            .into_iter()
+            .all(|show| models.shows.get(&show.show_id) == Some(&Some(show)))
+        && blocks.len() == models.blocks.len()
+        && blocks
+            .into_iter()
+            .all(|block| models.blocks.get(&block.block_id) == Some(&Some(block)));
     let bookings_match = bookings.len() == models.bookings.len()
         && bookings.into_iter().all(|mut booking| {
             booking.v = 0;

@@ -332,7 +332,9 @@ impl Generations {
             .update_one(
                 doc! { "_id": GENERATION_POINTER, "lease.holder": &lease.holder,
                 "lease.epoch": lease.epoch },
-                doc! { "$set": { "lease.until": DateTime::MIN } },
+                // The epoch's first moment: long past, and a date every
+                // server can store.
+                doc! { "$set": { "lease.until": DateTime::from_millis(0) } },
             )
             .await?;
         Ok(())

@@ -198,6 +198,28 @@ impl Projection {
     /// Only settings errors; store and broker failures are retried.
     pub async fn run(&self, stop: CancellationToken) -> anyhow::Result<()> {
         while !stop.is_cancelled() {
+            match self.older_shape().await {
+                Ok(None) => {}
+                Ok(Some(generation)) => {
+                    let message = format!(
+                        "generation {generation} was written by an older release (every seat \
+                         of a show in one document); run `projector replay` to build the read \
+                         models anew, this projector writes nothing until then"
+                    );
+                    tracing::error!("{message}");
+                    self.status.update(|r| {
+                        r.role = Role::Standby;
+                        r.last_error = Some(message);
+                    });
+                    pause(&stop, Duration::from_secs(5)).await;
+                    continue;
+                }
+                Err(error) => {
+                    self.failed(&error);
+                    pause(&stop, Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
             let lease = match self.generations.take_lease(&self.holder).await {
                 Ok(Some(lease)) => lease,
                 Ok(None) => {
@@ -233,6 +255,16 @@ impl Projection {
             led?;
         }
         Ok(())
+    }
+
+    /// The current generation, if an older release wrote it.
+    async fn older_shape(&self) -> Result<Option<u32>, StoreError> {
+        let generation = self.generations.pointer().await?.current;
+        Ok(self
+            .store
+            .of_an_older_shape(generation)
+            .await?
+            .then_some(generation))
     }
 
     /// The live run under `lease`, until it is lost.

@@ -1,12 +1,17 @@
 //! The read models in MongoDB: generations of collections, and writing a
 //! batch of events into one generation.
 //!
-//! A batch is applied as: load every document it touches (one `$in` query
-//! per collection), fold the events in memory with the domain's read-model
-//! rules, and write the changed documents back in one `bulkWrite`. Each
-//! write is conditional on the version loaded, so two projector instances
-//! overlapping during a rebalance cannot overwrite each other: the loser
-//! reloads and folds again, and per-stream sequences make that idempotent.
+//! A batch is applied as: load what it touches (the shows, cached, since a
+//! show document never changes; of each block only the seats the batch
+//! changes; the bookings), fold the events in memory with the domain's
+//! read-model rules, and write in one `bulkWrite`: new shows and their
+//! blocks as inserts, each changed block as one targeted update (`$set` of
+//! its changed seats and their holds, `$inc` of its counts) conditional on
+//! those seats' sequences as loaded, each changed booking as a replacement
+//! conditional on its version. A write that finds a sequence or version
+//! moved (another writer got in between) changes nothing; the batch is
+//! loaded and folded again, and per-stream sequences make that idempotent.
+//! What a booking of two seats costs is two seats, whatever the show's size.
 //!
 //! A write MongoDB refuses for good (a document over its size limit, say)
 //! must not stop every show: the batch is then applied show by show, and
@@ -14,10 +19,14 @@
 //! the reason, together with every later event of that show, while the
 //! others go on (see [`ReadStore::apply_parking`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use domain::read_model::{self, BookingDoc, Models, ShowDoc, Target, BOOKINGS, SHOWS};
+use domain::read_model::{
+    self, BlockDoc, BookingDoc, Counts, Models, SeatChange, ShowDoc, Target, BLOCKS, BOOKINGS,
+    SHOWS,
+};
 use domain::PublishedEvent;
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::{ClientOptions, IndexOptions};
@@ -90,7 +99,13 @@ pub struct Received {
 pub struct ReadStore {
     client: Client,
     database: Database,
+    /// Show documents by generation and id: written once, read by every
+    /// batch that touches their seats.
+    shows: Arc<Mutex<ShowCache>>,
 }
+
+/// Show documents by generation and show id.
+type ShowCache = HashMap<(u32, String), Arc<ShowDoc>>;
 
 const MAX_ATTEMPTS: u32 = 8;
 
@@ -106,7 +121,11 @@ impl ReadStore {
         options.connect_timeout = Some(timeout);
         let client = Client::with_options(options)?;
         let database = client.database(name);
-        Ok(Self { client, database })
+        Ok(Self {
+            client,
+            database,
+            shows: Arc::default(),
+        })
     }
 
     /// The database.
@@ -132,6 +151,12 @@ impl ReadStore {
     pub fn shows(&self, generation: u32) -> Collection<ShowDoc> {
         self.database
             .collection(&read_model::collection_name(generation, SHOWS))
+    }
+
+    /// The block documents of `generation`.
+    pub fn blocks(&self, generation: u32) -> Collection<BlockDoc> {
+        self.database
+            .collection(&read_model::collection_name(generation, BLOCKS))
     }
 
     /// The booking documents of `generation`.
@@ -165,7 +190,46 @@ impl ReadStore {
             )
             .build();
         self.shows(generation).create_index(by_start).await?;
+        let by_show = IndexModel::builder()
+            .keys(doc! { "show_id": 1, "section": 1, "block": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("by_show_section".to_owned())
+                    .build(),
+            )
+            .build();
+        self.blocks(generation).create_index(by_show).await?;
+        // What the cache holds may be gone (a wiped database): it is
+        // filled again from what MongoDB holds.
+        if let Ok(mut shows) = self.shows.lock() {
+            shows.clear();
+        }
         Ok(())
+    }
+
+    /// Whether `generation` was written by a release that kept every seat
+    /// of a show in the show's document: its shows are there, its blocks
+    /// are not. Such a generation is rebuilt by `projector replay`, never
+    /// written on.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn of_an_older_shape(&self, generation: u32) -> Result<bool, StoreError> {
+        let blocks = read_model::collection_name(generation, BLOCKS);
+        let names = self
+            .database
+            .list_collection_names()
+            .filter(doc! { "name": &blocks })
+            .await?;
+        if !names.is_empty() {
+            return Ok(false);
+        }
+        Ok(self
+            .shows(generation)
+            .clone_with_type::<Document>()
+            .find_one(doc! {})
+            .await?
+            .is_some())
     }
 
     /// The parked events of `generation`.
@@ -180,8 +244,12 @@ impl ReadStore {
     /// MongoDB errors.
     pub async fn drop_generation(&self, generation: u32) -> Result<(), StoreError> {
         self.shows(generation).drop().await?;
+        self.blocks(generation).drop().await?;
         self.bookings(generation).drop().await?;
         self.parked(generation).drop().await?;
+        if let Ok(mut shows) = self.shows.lock() {
+            shows.retain(|(g, _), _| *g != generation);
+        }
         self.generations().drop_offsets(generation).await?;
         Ok(())
     }
@@ -334,12 +402,23 @@ impl ReadStore {
     ) -> Result<Applied, StoreError> {
         for _ in 0..MAX_ATTEMPTS {
             let loaded = self.load(generation, events).await?;
-            let mut models = loaded.clone();
+            let mut models = loaded.models.clone();
             let mut applied = Applied::default();
+            let mut changed_seats: BTreeMap<String, BTreeMap<String, SeatChange>> = BTreeMap::new();
             for event in events {
-                match models.apply(event) {
-                    Ok(true) => applied.changed += 1,
-                    Ok(false) => applied.skipped += 1,
+                match models.apply_seat_aware(event) {
+                    Ok(Some(Some((block, change)))) => {
+                        applied.changed += 1;
+                        // The first change of a seat in the batch holds its
+                        // state as loaded; the block holds the last.
+                        changed_seats
+                            .entry(block)
+                            .or_default()
+                            .entry(change.label.clone())
+                            .or_insert(change);
+                    }
+                    Ok(Some(None)) => applied.changed += 1,
+                    Ok(None) => applied.skipped += 1,
                     // Retrying cannot mend a log that contradicts itself;
                     // stopping would starve every other show of updates.
                     Err(error) => {
@@ -348,7 +427,10 @@ impl ReadStore {
                     }
                 }
             }
-            match self.write(generation, &loaded, models).await? {
+            match self
+                .write(generation, &loaded, &models, &changed_seats)
+                .await?
+            {
                 Some(written) => {
                     applied.written = written;
                     return Ok(applied);
@@ -359,156 +441,291 @@ impl ReadStore {
         Err(StoreError::Contended(MAX_ATTEMPTS))
     }
 
-    /// Loads every document `events` touch.
-    async fn load(&self, generation: u32, events: &[PublishedEvent]) -> Result<Models, StoreError> {
-        let mut models = Models::default();
-        for event in events {
-            match read_model::target(event) {
-                Target::Show(id) => {
-                    models.shows.insert(id, None);
-                }
-                Target::Booking(id) => {
-                    models.bookings.insert(id, None);
+    /// The show documents of `ids` in `generation` that exist, from the
+    /// cache or MongoDB.
+    async fn load_shows(
+        &self,
+        generation: u32,
+        ids: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, Arc<ShowDoc>>, StoreError> {
+        let mut found = BTreeMap::new();
+        let mut missing = Vec::new();
+        if let Ok(cache) = self.shows.lock() {
+            for id in ids {
+                match cache.get(&(generation, id.clone())) {
+                    Some(show) => {
+                        found.insert(id.clone(), Arc::clone(show));
+                    }
+                    None => missing.push(id.clone()),
                 }
             }
         }
-        if !models.shows.is_empty() {
-            let ids: Vec<&String> = models.shows.keys().collect();
+        if !missing.is_empty() {
             let mut cursor = self
                 .shows(generation)
-                .find(doc! { "_id": { "$in": ids } })
+                .find(doc! { "_id": { "$in": &missing } })
                 .await?;
-            let mut found = Vec::new();
             while cursor.advance().await? {
-                found.push(cursor.deserialize_current()?);
-            }
-            for show in found {
-                models.shows.insert(show.show_id.clone(), Some(show));
+                let show: ShowDoc = cursor.deserialize_current()?;
+                let show = Arc::new(show);
+                if let Ok(mut cache) = self.shows.lock() {
+                    cache.insert((generation, show.show_id.clone()), Arc::clone(&show));
+                }
+                found.insert(show.show_id.clone(), show);
             }
         }
-        if !models.bookings.is_empty() {
-            let ids: Vec<&String> = models.bookings.keys().collect();
+        Ok(found)
+    }
+
+    /// Loads what `events` touch: their shows, of their blocks only the
+    /// seats they change, their bookings.
+    async fn load(&self, generation: u32, events: &[PublishedEvent]) -> Result<Loaded, StoreError> {
+        let mut show_ids = BTreeSet::new();
+        let mut seats: Vec<(String, domain::SeatLabel)> = Vec::new();
+        let mut booking_ids = BTreeSet::new();
+        for event in events {
+            match read_model::target(event) {
+                Ok(Target::Show(id)) => {
+                    show_ids.insert(id);
+                }
+                Ok(Target::Seat(show, label)) => {
+                    show_ids.insert(show.clone());
+                    seats.push((show, label));
+                }
+                Ok(Target::Booking(id)) => {
+                    booking_ids.insert(id);
+                }
+                // Refused when applied.
+                Err(_) => {}
+            }
+        }
+        let shows = self.load_shows(generation, &show_ids).await?;
+        let mut models = Models::default();
+        for id in show_ids {
+            let show = shows.get(&id).map(|show| show.as_ref().clone());
+            models.shows.insert(id, show);
+        }
+        // Of each block, just the seats the batch changes.
+        let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (show, label) in &seats {
+            if let Some(block) = shows.get(show).and_then(|s| s.block_id_of(label)) {
+                wanted.entry(block).or_default().insert(label.to_string());
+            }
+        }
+        if !wanted.is_empty() {
+            let mut projection = doc! { "show_id": 1, "section": 1, "block": 1 };
+            for label in wanted.values().flatten() {
+                projection.insert(format!("seats.{label}"), 1);
+            }
+            let ids: Vec<&String> = wanted.keys().collect();
+            let mut cursor = self
+                .blocks(generation)
+                .clone_with_type::<Document>()
+                .find(doc! { "_id": { "$in": ids } })
+                .projection(projection)
+                .await?;
+            while cursor.advance().await? {
+                let found: Document = cursor.deserialize_current()?;
+                let partial = BlockDoc {
+                    block_id: found.get_str("_id").unwrap_or_default().to_owned(),
+                    show_id: found.get_str("show_id").unwrap_or_default().to_owned(),
+                    section: small_int(found.get("section")),
+                    block: small_int(found.get("block")),
+                    // Counted from zero: after the fold, the change.
+                    counts: Counts::default(),
+                    seats: match found.get_document("seats") {
+                        Ok(seats) => mongodb::bson::from_document(seats.clone())
+                            .map_err(mongodb::error::Error::from)?,
+                        Err(_) => BTreeMap::new(),
+                    },
+                    holds: BTreeMap::new(),
+                };
+                models
+                    .blocks
+                    .insert(partial.block_id.clone(), Some(partial));
+            }
+            for id in wanted.keys() {
+                models.blocks.entry(id.clone()).or_default();
+            }
+        }
+        if !booking_ids.is_empty() {
+            for id in &booking_ids {
+                models.bookings.insert(id.clone(), None);
+            }
+            let ids: Vec<&String> = booking_ids.iter().collect();
             let mut cursor = self
                 .bookings(generation)
                 .find(doc! { "_id": { "$in": ids } })
                 .await?;
-            let mut found = Vec::new();
             while cursor.advance().await? {
-                found.push(cursor.deserialize_current()?);
-            }
-            for booking in found {
+                let booking: BookingDoc = cursor.deserialize_current()?;
                 models
                     .bookings
                     .insert(booking.booking_id.clone(), Some(booking));
             }
         }
-        Ok(models)
+        Ok(Loaded { models })
     }
 
-    /// Writes what changed between `loaded` and `models`. `None` when another
-    /// writer changed one of the documents first (nothing to undo: each
-    /// write that did land is one a retry would make anyway).
+    /// Writes what the fold changed: new shows and their blocks, targeted
+    /// updates of changed blocks, changed bookings. `None` when another
+    /// writer changed something first (nothing to undo: each write that
+    /// did land is one a retry would make anyway).
     async fn write(
         &self,
         generation: u32,
-        loaded: &Models,
-        models: Models,
+        loaded: &Loaded,
+        models: &Models,
+        changed_seats: &BTreeMap<String, BTreeMap<String, SeatChange>>,
     ) -> Result<Option<usize>, StoreError> {
         let shows = self.shows(generation);
+        let blocks = self.blocks(generation);
         let bookings = self.bookings(generation);
-        let mut writes = Vec::new();
-        let mut replaced = 0_i64;
-        let mut inserted = 0_i64;
-        let changed_shows = changed(&loaded.shows, models.shows);
-        let changed_bookings = changed(&loaded.bookings, models.bookings);
-        for (before, mut show) in changed_shows {
-            show.v = before.map_or(1, |v| v + 1);
-            match before {
-                Some(v) => {
-                    replaced += 1;
-                    writes.push(
-                        shows
-                            .replace_one_model(doc! { "_id": &show.show_id, "v": v }, &show)?
-                            .into(),
-                    );
-                }
-                None => {
-                    inserted += 1;
-                    writes.push(shows.insert_one_model(&show)?.into());
+        let mut writes: Vec<mongodb::options::WriteModel> = Vec::new();
+        let (mut matched, mut inserted, mut upserts) = (0_i64, 0_i64, 0_i64);
+        // A new show is written after its blocks, in a write of its own: a
+        // reader that finds the show finds all of its seats.
+        let mut new_shows: Vec<mongodb::options::WriteModel> = Vec::new();
+        for (id, show) in &models.shows {
+            let Some(show) = show else { continue };
+            if loaded.models.shows.get(id).is_some_and(Option::is_some) {
+                continue;
+            }
+            new_shows.push(shows.insert_one_model(show)?.into());
+        }
+        for (id, block) in &models.blocks {
+            let Some(block) = block else { continue };
+            if !loaded.models.blocks.get(id).is_some_and(Option::is_some) {
+                // Created with its show in this batch: written whole, over
+                // what an attempt that did not get as far as the show left
+                // (no seat event applies to a show not yet written).
+                upserts += 1;
+                writes.push(
+                    mongodb::options::ReplaceOneModel::builder()
+                        .namespace(blocks.namespace())
+                        .filter(doc! { "_id": id })
+                        .replacement(
+                            mongodb::bson::to_document(block)
+                                .map_err(mongodb::error::Error::from)?,
+                        )
+                        .upsert(true)
+                        .build()
+                        .into(),
+                );
+                continue;
+            }
+            let Some(changes) = changed_seats.get(id) else {
+                continue;
+            };
+            let mut filter = doc! { "_id": id };
+            let (mut set, mut unset, mut inc) = (Document::new(), Document::new(), Document::new());
+            for (label, change) in changes {
+                filter.insert(format!("seats.{label}.q"), change.before.sequence);
+                let Some(after) = block.seats.get(label) else {
+                    continue;
+                };
+                set.insert(
+                    format!("seats.{label}"),
+                    mongodb::bson::to_bson(after).map_err(mongodb::error::Error::from)?,
+                );
+                match block.holds.get(label) {
+                    Some(expires_at) => {
+                        set.insert(format!("holds.{label}"), expires_at.clone());
+                    }
+                    None => {
+                        unset.insert(format!("holds.{label}"), "");
+                    }
                 }
             }
+            let delta = block.counts;
+            for (field, n) in [
+                ("counts.available", delta.available),
+                ("counts.held", delta.held),
+                ("counts.booked", delta.booked),
+            ] {
+                if n != 0 {
+                    inc.insert(field, n);
+                }
+            }
+            let mut update = doc! { "$set": set };
+            if !unset.is_empty() {
+                update.insert("$unset", unset);
+            }
+            if !inc.is_empty() {
+                update.insert("$inc", inc);
+            }
+            matched += 1;
+            writes.push(
+                mongodb::options::UpdateOneModel::builder()
+                    .namespace(blocks.namespace())
+                    .filter(filter)
+                    .update(update)
+                    .build()
+                    .into(),
+            );
         }
-        for (before, mut booking) in changed_bookings {
-            booking.v = before.map_or(1, |v| v + 1);
+        for (id, booking) in &models.bookings {
+            let Some(booking) = booking else { continue };
+            let before = loaded.models.bookings.get(id).and_then(Option::as_ref);
             match before {
-                Some(v) => {
-                    replaced += 1;
+                Some(old) if old == booking => {}
+                Some(old) => {
+                    let mut booking = booking.clone();
+                    booking.v = old.v + 1;
+                    matched += 1;
                     writes.push(
                         bookings
-                            .replace_one_model(
-                                doc! { "_id": &booking.booking_id, "v": v },
-                                &booking,
-                            )?
+                            .replace_one_model(doc! { "_id": id, "v": old.v }, &booking)?
                             .into(),
                     );
                 }
                 None => {
+                    let mut booking = booking.clone();
+                    booking.v = 1;
                     inserted += 1;
                     writes.push(bookings.insert_one_model(&booking)?.into());
                 }
             }
         }
-        if writes.is_empty() {
-            return Ok(Some(0));
-        }
-        let count = writes.len();
-        let written: Vec<mongodb::options::WriteModel> = writes;
-        match self.client.bulk_write(written).ordered(false).await {
-            Ok(result) if result.matched_count == replaced && result.inserted_count == inserted => {
-                Ok(Some(count))
+        let count = writes.len() + new_shows.len();
+        if !writes.is_empty() {
+            match self.client.bulk_write(writes).ordered(false).await {
+                Ok(result)
+                    if result.matched_count + result.upserted_count == matched + upserts
+                        && result.inserted_count == inserted => {}
+                Ok(_) => return Ok(None),
+                // Another writer inserted the same document first: reload.
+                Err(error) if is_duplicate_id(&error) => return Ok(None),
+                Err(error) => return Err(error.into()),
             }
-            Ok(_) => Ok(None),
-            // Another writer inserted the same document first: reload.
-            Err(error) if is_duplicate_id(&error) => Ok(None),
-            Err(error) => Err(error.into()),
         }
-    }
-}
-
-/// The documents of `after` that differ from `before`, each with the version
-/// it was loaded at (`None`: new).
-fn changed<D: PartialEq + Versioned>(
-    before: &BTreeMap<String, Option<D>>,
-    after: BTreeMap<String, Option<D>>,
-) -> Vec<(Option<i64>, D)> {
-    after
-        .into_iter()
-        .filter_map(|(id, doc)| {
-            let doc = doc?;
-            let loaded = before.get(&id).and_then(Option::as_ref);
-            match loaded {
-                Some(old) if *old == doc => None,
-                Some(old) => Some((Some(old.version()), doc)),
-                None => Some((None, doc)),
+        if !new_shows.is_empty() {
+            let shows = i64::try_from(new_shows.len()).unwrap_or(i64::MAX);
+            match self.client.bulk_write(new_shows).ordered(false).await {
+                Ok(result) if result.inserted_count == shows => {}
+                Ok(_) => return Ok(None),
+                Err(error) if is_duplicate_id(&error) => return Ok(None),
+                Err(error) => return Err(error.into()),
             }
-        })
-        .collect()
-}
-
-trait Versioned {
-    fn version(&self) -> i64;
-}
-
-impl Versioned for ShowDoc {
-    fn version(&self) -> i64 {
-        self.v
+        }
+        Ok(Some(count))
     }
 }
 
-impl Versioned for BookingDoc {
-    fn version(&self) -> i64 {
-        self.v
+/// A small number as stored (MongoDB may keep it in 32 or 64 bits).
+fn small_int(value: Option<&mongodb::bson::Bson>) -> u32 {
+    use mongodb::bson::Bson;
+    match value {
+        Some(Bson::Int32(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(Bson::Int64(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
     }
+}
+
+/// What a batch found in MongoDB before folding.
+#[derive(Debug, Clone)]
+struct Loaded {
+    models: Models,
 }
 
 fn add(mut total: Applied, more: Applied) -> Applied {

@@ -79,7 +79,7 @@ async fn settled(read: &ReadSide) -> anyhow::Result<()> {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = read.snapshot().await?;
-        if now == before && (!now.0.is_empty() || !now.1.is_empty()) {
+        if now == before && (!now.shows.is_empty() || !now.bookings.is_empty()) {
             return Ok(());
         }
         ensure!(Instant::now() < deadline, "the read side never settled");

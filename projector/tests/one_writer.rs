@@ -635,3 +635,57 @@ async fn a_show_whose_writes_fail_for_good_is_parked_and_the_others_go_on() -> a
     read.drop().await?;
     writes.stop().await
 }
+
+/// A deployment whose read models an older release wrote (every seat of a
+/// show in the show's document) moves to blocks by `projector replay`: the
+/// new projector writes nothing on the old generation, the replay builds
+/// the new one and switches itself, and the projector then carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_releases_generation_is_left_alone_until_a_replay_rebuilds_it(
+) -> anyhow::Result<()> {
+    let writes = Writes::spawn(600).await?;
+    let read = ReadSide::new().await?;
+    let show = show_of(&writes.base, 2).await?;
+    let user = uuid::Uuid::new_v4().to_string();
+    let answer = book(&writes.base, &show, &user, &["A1".to_owned()]).await?;
+    ensure!(answer.status == 201, "{answer:?}");
+    // What the older release left: one document per show, seats inside.
+    read.store
+        .shows(1)
+        .clone_with_type::<mongodb::bson::Document>()
+        .insert_one(doc! { "_id": &show, "v": 3_i64, "name": "Rebuild Night",
+        "seats": { "A1": { "s": "booked", "c": 0, "q": 1_i64 } } })
+        .await?;
+    let live = start(&read, read.consumer(&writes.topic));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !live
+        .projection
+        .status()
+        .report()
+        .last_error
+        .is_some_and(|e| e.contains("older release"))
+    {
+        ensure!(Instant::now() < deadline, "the projector did not notice");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(live.role() == Role::Standby, "{:?}", live.role());
+    ensure!(
+        read.store.blocks(1).count_documents(doc! {}).await? == 0,
+        "the projector wrote on the old generation"
+    );
+    let report = replay::replay(
+        &read.store,
+        &writes.db.pool,
+        &read.consumer(&writes.topic),
+        &replay_settings(&writes, 0),
+        &CancellationToken::new(),
+    )
+    .await?;
+    ensure!(report.from == 1 && report.to == 2, "{report:?}");
+    let answer = book(&writes.base, &show, &user, &["A2".to_owned()]).await?;
+    ensure!(answer.status == 201, "{answer:?}");
+    converge(&writes, &read, Duration::from_secs(30)).await?;
+    live.stop().await?;
+    read.drop().await?;
+    writes.stop().await
+}

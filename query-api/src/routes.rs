@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use domain::read_model::{BookingDoc, SeatDoc, ShowDoc, BOOKINGS, SHOWS};
+use domain::read_model::{BlockDoc, BookingDoc, SeatDoc, ShowDoc, BOOKINGS, SHOWS};
 use domain::{BookingId, ConsistencyToken, SeatStatus, ShowId, UserId, CONSISTENCY_HEADER};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
@@ -265,7 +265,6 @@ pub async fn list_shows(
         None => doc! {},
     };
     let options = FindOptions::builder()
-        .projection(doc! { "seats": 0 })
         .sort(doc! { "starts_order": 1, "_id": 1 })
         .limit(limit + 1)
         .build();
@@ -298,11 +297,19 @@ pub async fn list_shows(
             show.starts_order, show.show_id
         )
     });
+    let ids: Vec<&String> = shows.iter().map(|show| &show.show_id).collect();
+    let blocks = blocks_where(
+        &reads,
+        generation,
+        doc! { "show_id": { "$in": ids } },
+        false,
+    )
+    .await?;
     let now = Utc::now();
     let shows = shows
         .iter()
         .map(|show| {
-            let (counts, _) = show.counts_at(now);
+            let (counts, _) = show.counts_at(&blocks, now);
             ShowSummary {
                 show_id: show.show_id.clone(),
                 name: show.name.clone(),
@@ -336,9 +343,10 @@ pub async fn show(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
-    let show = find_show(&reads, &id, &headers, false).await?;
+    let (generation, show) = find_show(&reads, &id, &headers).await?;
+    let blocks = blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, false).await?;
     let now = Utc::now();
-    let (counts, sections) = show.counts_at(now);
+    let (counts, sections) = show.counts_at(&blocks, now);
     let view = ShowView {
         show_id: show.show_id.clone(),
         name: show.name.clone(),
@@ -383,19 +391,39 @@ pub async fn availability(
     Query(filter): Query<SectionFilter>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
-    let show = find_show(&reads, &id, &headers, true).await?;
-    let now = Utc::now();
-    let (counts, section_counts) = show.counts_at(now);
+    let (generation, show) = find_show(&reads, &id, &headers).await?;
     let only = match &filter.section {
         Some(name) => Some(
-            show.sections
-                .iter()
-                .position(|s| &s.name == name)
+            show.section_index(name)
                 .ok_or(QueryError::NotFound("section"))?,
         ),
         None => None,
     };
-    let in_scope = |index: usize| only.is_none_or(|only| only == index);
+    // The whole show's counts, and the seats of what is asked for: with
+    // `?section=` the counts of every block and the seats of the section's
+    // blocks, read at once.
+    let (blocks, section_blocks) = match only {
+        None => (
+            blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, true).await?,
+            None,
+        ),
+        Some(section) => {
+            let (blocks, seated) = tokio::try_join!(
+                blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, false),
+                blocks_where(
+                    &reads,
+                    generation,
+                    doc! { "show_id": &show.show_id, "section": i64::from(section) },
+                    true
+                ),
+            )?;
+            (blocks, Some(seated))
+        }
+    };
+    let seated: &[BlockDoc] = section_blocks.as_deref().unwrap_or(&blocks);
+    let now = Utc::now();
+    let (counts, section_counts) = show.counts_at(&blocks, now);
+    let in_scope = |index: usize| only.is_none_or(|only| only as usize == index);
     let sections = show
         .sections
         .iter()
@@ -411,12 +439,14 @@ pub async fn availability(
             booked: counts.booked,
         })
         .collect();
-    let seats = show
-        .seats
+    let seats = seated
         .iter()
-        .filter(|(_, seat)| in_scope(seat.section as usize))
-        .map(|(label, seat): (&String, &SeatDoc)| {
-            (label.clone(), ShowDoc::seat_status_at(seat, now))
+        .filter(|block| in_scope(block.section as usize))
+        .flat_map(|block| {
+            block
+                .seats
+                .iter()
+                .map(|(label, seat): (&String, &SeatDoc)| (label.clone(), seat.status_at(now)))
         })
         .collect();
     let view = Availability {
@@ -537,14 +567,13 @@ fn view_of(booking: &BookingDoc) -> BookingView {
     }
 }
 
-/// The show document, waiting for a consistency token first. Without
-/// `seats`, the (possibly large) seat map is not fetched.
+/// The show document and the generation it was read from, waiting for a
+/// consistency token first.
 async fn find_show(
     reads: &Reads,
     id: &str,
     headers: &HeaderMap,
-    seats: bool,
-) -> Result<ShowDoc, QueryError> {
+) -> Result<(u32, ShowDoc), QueryError> {
     let show_id: ShowId = id.parse().map_err(|_| QueryError::NotFound("show"))?;
     if let Some(token) = token(reads, headers)? {
         if token.show_id == show_id {
@@ -553,16 +582,45 @@ async fn find_show(
     }
     let mut generation = reads.generation()?;
     loop {
-        let shows = reads.shows(generation);
-        let mut find = shows.find_one(doc! { "_id": show_id.to_string() });
-        if !seats {
-            find = find.projection(doc! { "seats": 0 });
-        }
-        match reads.bounded(find).await? {
-            Some(show) => return Ok(show),
+        let found = reads
+            .bounded(
+                reads
+                    .shows(generation)
+                    .find_one(doc! { "_id": show_id.to_string() }),
+            )
+            .await?;
+        match found {
+            Some(show) => return Ok((generation, show)),
             None => generation = reads.after_miss(generation, SHOWS, "show").await?,
         }
     }
+}
+
+/// The blocks matching `filter` in section and block order, with their
+/// seats or (for counts alone) without.
+async fn blocks_where(
+    reads: &Reads,
+    generation: u32,
+    filter: Document,
+    seats: bool,
+) -> Result<Vec<BlockDoc>, QueryError> {
+    let mut options = FindOptions::builder()
+        .sort(doc! { "show_id": 1, "section": 1, "block": 1 })
+        .build();
+    if !seats {
+        options.projection = Some(doc! { "seats": 0 });
+    }
+    reads
+        .bounded(async {
+            reads
+                .blocks(generation)
+                .find(filter)
+                .with_options(options)
+                .await?
+                .try_collect()
+                .await
+        })
+        .await
 }
 
 /// The token of the request, if it sent one: signed by command-api.
@@ -584,38 +642,69 @@ fn deadline(reads: &Reads) -> Instant {
     Instant::now() + reads.consistency_wait
 }
 
-/// Waits until the show document holds the token's show and seat
-/// sequences, watching only the token's seats.
+/// Waits until the read models hold the token's show and seat sequences:
+/// the show document first (it says which block holds which seat), then
+/// each block with the token's seats, watching only those seats.
 async fn wait_for_show(reads: &Reads, token: &ConsistencyToken) -> Result<(), QueryError> {
     if token.seats.is_empty() && token.show_sequence == 0 {
         return Ok(());
     }
-    let mut fields = vec!["q".to_owned()];
-    fields.extend(token.seats.keys().map(|label| format!("seats.{label}.q")));
+    let deadline = deadline(reads);
+    let show_id = token.show_id.to_string();
+    let wanted = token.show_sequence.max(1);
     reads
         .waits
         .until(
             reads,
-            Watched::Show(token.show_id.to_string()),
-            fields,
-            deadline(reads),
-            |found| found.is_some_and(|show| show_reflects(show, token)),
+            Watched::Show(show_id.clone()),
+            vec!["q".to_owned()],
+            deadline,
+            |found| {
+                found.is_some_and(|show| {
+                    u64::try_from(show.get_i64("q").unwrap_or(1).max(1)).unwrap_or(0) >= wanted
+                })
+            },
         )
-        .await
+        .await?;
+    if token.seats.is_empty() {
+        return Ok(());
+    }
+    let show = reads.show(&show_id).await?;
+    let mut by_block: BTreeMap<String, Vec<(&domain::SeatLabel, u64)>> = BTreeMap::new();
+    for (label, sequence) in &token.seats {
+        // A seat the show does not have cannot be waited for.
+        let block = show
+            .block_id_of(label)
+            .ok_or_else(|| QueryError::BadToken(format!("the show has no seat {label}")))?;
+        by_block.entry(block).or_default().push((label, *sequence));
+    }
+    for (block, seats) in by_block {
+        let fields = seats
+            .iter()
+            .map(|(label, _)| format!("seats.{label}.q"))
+            .collect();
+        reads
+            .waits
+            .until(reads, Watched::Block(block), fields, deadline, |found| {
+                found.is_some_and(|block| block_reflects(block, &seats))
+            })
+            .await?;
+    }
+    Ok(())
 }
 
-/// Whether a show document (as watched) holds the token's sequences.
-fn show_reflects(show: &Document, token: &ConsistencyToken) -> bool {
-    let show_sequence = show.get_i64("q").unwrap_or(0).max(1);
-    if u64::try_from(show_sequence).unwrap_or(0) < token.show_sequence {
-        return false;
-    }
-    token.seats.iter().all(|(label, sequence)| {
-        show.get_document("seats")
+/// Whether a block (as watched) holds these seats' sequences.
+fn block_reflects(block: &Document, seats: &[(&domain::SeatLabel, u64)]) -> bool {
+    seats.iter().all(|(label, sequence)| {
+        block
+            .get_document("seats")
             .ok()
             .and_then(|seats| seats.get_document(label.to_string()).ok())
-            .and_then(|seat| seat.get_i64("q").ok())
-            .and_then(|q| u64::try_from(q).ok())
+            .and_then(|seat| match seat.get("q") {
+                Some(mongodb::bson::Bson::Int64(q)) => u64::try_from(*q).ok(),
+                Some(mongodb::bson::Bson::Int32(q)) => u64::try_from(*q).ok(),
+                _ => None,
+            })
             .is_some_and(|q| q >= *sequence)
     })
 }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::read_model::{
-    self, BookingDoc, ShowDoc, BOOKINGS, GENERATIONS, GENERATION_POINTER, SHOWS,
+    self, BlockDoc, BookingDoc, ShowDoc, BLOCKS, BOOKINGS, GENERATIONS, GENERATION_POINTER, SHOWS,
 };
 use domain::TokenKey;
 use mongodb::bson::{doc, Document};
@@ -88,7 +88,15 @@ pub struct Reads {
     pub token_key: TokenKey,
     /// The watchers of documents waited for.
     pub waits: Waits,
+    /// Show documents by generation and id.
+    show_cache: Arc<std::sync::Mutex<ShowCache>>,
 }
+
+/// Show documents by generation and show id.
+type ShowCache = std::collections::HashMap<(u32, String), Arc<ShowDoc>>;
+
+/// Most show documents kept in memory.
+const SHOW_CACHE: usize = 10_000;
 
 /// How often the generation pointer is read.
 pub const GENERATION_REFRESH: Duration = Duration::from_millis(200);
@@ -117,6 +125,43 @@ impl Reads {
     pub fn shows(&self, generation: u32) -> Collection<ShowDoc> {
         self.database
             .collection(&read_model::collection_name(generation, SHOWS))
+    }
+
+    /// Block documents of `generation`.
+    pub fn blocks(&self, generation: u32) -> Collection<BlockDoc> {
+        self.database
+            .collection(&read_model::collection_name(generation, BLOCKS))
+    }
+
+    /// A show document of the current generation. Show documents never
+    /// change once written, so each is read once per generation.
+    ///
+    /// # Errors
+    /// [`QueryError::NotFound`], or the read models unavailable.
+    pub async fn show(&self, show_id: &str) -> Result<Arc<ShowDoc>, QueryError> {
+        let generation = self.generation()?;
+        let key = (generation, show_id.to_owned());
+        if let Some(show) = self
+            .show_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key).cloned())
+        {
+            return Ok(show);
+        }
+        let show = self
+            .bounded(self.shows(generation).find_one(doc! { "_id": show_id }))
+            .await?
+            .ok_or(QueryError::NotFound("show"))?;
+        let show = Arc::new(show);
+        if let Ok(mut cache) = self.show_cache.lock() {
+            // Bounded: a cache of the shows people are buying seats for.
+            if cache.len() >= SHOW_CACHE {
+                cache.clear();
+            }
+            cache.insert(key, Arc::clone(&show));
+        }
+        Ok(show)
     }
 
     /// Booking documents of `generation`.
@@ -334,6 +379,7 @@ impl App {
             mongodb_timeout: Duration::from_millis(settings.mongodb_timeout_ms),
             token_key,
             waits: Waits::new(settings.consistency_max_waiters),
+            show_cache: Arc::default(),
         };
         let startup = Duration::from_secs(settings.startup_timeout_secs);
         let mut connected = reads.refresh().await;

@@ -29,6 +29,8 @@ pub const POLL: Duration = Duration::from_millis(20);
 pub enum Watched {
     /// A show document, by show id.
     Show(String),
+    /// A block of seats, by block id.
+    Block(String),
     /// A booking document, by booking id.
     Booking(String),
 }
@@ -248,6 +250,7 @@ async fn read_fields(
     }
     let (collection, id) = match watched {
         Watched::Show(id) => (reads.shows(generation).clone_with_type::<Document>(), id),
+        Watched::Block(id) => (reads.blocks(generation).clone_with_type::<Document>(), id),
         Watched::Booking(id) => (reads.bookings(generation).clone_with_type::<Document>(), id),
     };
     reads

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use command_api::relay::RelaySettings;
-use domain::read_model::{BookingDoc, Models, ShowDoc};
+use domain::read_model::{BlockDoc, BookingDoc, Models, ShowDoc};
 use domain::PublishedEvent;
 use futures::TryStreamExt;
 use mongodb::bson::doc;
@@ -258,13 +258,18 @@ impl ReadSide {
 
     /// Every document of the current generation, `v` left out (it counts
     /// writes, not content).
-    pub async fn snapshot(
-        &self,
-    ) -> anyhow::Result<(BTreeMap<String, ShowDoc>, BTreeMap<String, BookingDoc>)> {
+    pub async fn snapshot(&self) -> anyhow::Result<Documents> {
         let generation = self.store.pointer().await?.current;
         let shows: Vec<ShowDoc> = self
             .store
             .shows(generation)
+            .find(doc! {})
+            .await?
+            .try_collect()
+            .await?;
+        let blocks: Vec<BlockDoc> = self
+            .store
+            .blocks(generation)
             .find(doc! {})
             .await?
             .try_collect()
@@ -276,22 +281,20 @@ impl ReadSide {
             .await?
             .try_collect()
             .await?;
-        Ok((
-            shows
+        Ok(Documents {
+            shows: shows.into_iter().map(|s| (s.show_id.clone(), s)).collect(),
+            blocks: blocks
                 .into_iter()
-                .map(|mut s| {
-                    s.v = 0;
-                    (s.show_id.clone(), s)
-                })
+                .map(|b| (b.block_id.clone(), b))
                 .collect(),
-            bookings
+            bookings: bookings
                 .into_iter()
                 .map(|mut b| {
                     b.v = 0;
                     (b.booking_id.clone(), b)
                 })
                 .collect(),
-        ))
+        })
     }
 
     pub async fn drop(self) -> anyhow::Result<()> {
@@ -300,29 +303,40 @@ impl ReadSide {
     }
 }
 
+/// Every document of a generation, by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Documents {
+    pub shows: BTreeMap<String, ShowDoc>,
+    pub blocks: BTreeMap<String, BlockDoc>,
+    pub bookings: BTreeMap<String, BookingDoc>,
+}
+
 /// What the read models must hold after `events`: the domain's fold, in
 /// memory, `v` zero.
-pub fn expected(
-    events: &[PublishedEvent],
-) -> anyhow::Result<(BTreeMap<String, ShowDoc>, BTreeMap<String, BookingDoc>)> {
+pub fn expected(events: &[PublishedEvent]) -> anyhow::Result<Documents> {
     let mut models = Models::default();
     for event in events {
         models
             .apply(event)
             .with_context(|| format!("applying {event:?}"))?;
     }
-    Ok((
-        models
+    Ok(Documents {
+        shows: models
             .shows
             .into_iter()
             .filter_map(|(id, s)| Some((id, s?)))
             .collect(),
-        models
+        blocks: models
+            .blocks
+            .into_iter()
+            .filter_map(|(id, b)| Some((id, b?)))
+            .collect(),
+        bookings: models
             .bookings
             .into_iter()
             .filter_map(|(id, b)| Some((id, b?)))
             .collect(),
-    ))
+    })
 }
 
 /// Waits until the read side holds exactly what `writes`' log says.
@@ -336,19 +350,37 @@ pub async fn converge(writes: &Writes, read: &ReadSide, within: Duration) -> any
             return Ok(log.len());
         }
         if Instant::now() > deadline {
-            let (ws, wb) = &want;
-            let (hs, hb) = &have;
-            let show_diff: Vec<&String> = ws.keys().filter(|k| hs.get(*k) != ws.get(*k)).collect();
-            let booking_diff: Vec<&String> =
-                wb.keys().filter(|k| hb.get(*k) != wb.get(*k)).collect();
+            let shows: Vec<&String> = want
+                .shows
+                .keys()
+                .filter(|k| have.shows.get(*k) != want.shows.get(*k))
+                .collect();
+            let blocks: Vec<&String> = want
+                .blocks
+                .keys()
+                .filter(|k| have.blocks.get(*k) != want.blocks.get(*k))
+                .collect();
+            let bookings: Vec<&String> = want
+                .bookings
+                .keys()
+                .filter(|k| have.bookings.get(*k) != want.bookings.get(*k))
+                .collect();
             anyhow::bail!(
-                "read models never matched the log ({} events): {} of {} shows and {} of {} bookings differ, e.g. {:?}",
+                "read models never matched the log ({} events): {} of {} shows, {} of {} blocks \
+                 and {} of {} bookings differ, e.g. {:?} / {:?}",
                 log.len(),
-                show_diff.len(),
-                ws.len(),
-                booking_diff.len(),
-                wb.len(),
-                booking_diff.first().map(|k| (hb.get(*k), wb.get(*k)))
+                shows.len(),
+                want.shows.len(),
+                blocks.len(),
+                want.blocks.len(),
+                bookings.len(),
+                want.bookings.len(),
+                blocks
+                    .first()
+                    .map(|k| (have.blocks.get(*k), want.blocks.get(*k))),
+                bookings
+                    .first()
+                    .map(|k| (have.bookings.get(*k), want.bookings.get(*k)))
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,0 +1,132 @@
+//! A stadium: a show of the contract's largest size (100,000 seats) is
+//! created, projected and read whole and by section, and bookings in a
+//! show of 20,000 seats leave read models equal to the fold of the log.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use common::{converge, send, ReadSide, Writes};
+use serde_json::{json, Value};
+
+/// `sections` sections of `rows` rows of `seats` seats, rows named per
+/// section (`SA`..., `SB`...).
+fn stadium(sections: u8, rows: u8, seats: u32) -> Value {
+    let sections: Vec<Value> = (0..sections)
+        .map(|s| {
+            let rows: Vec<Value> = (0..rows)
+                .map(|r| {
+                    json!({"row": format!("{}{}{}", (b'A' + s) as char, (b'A' + r / 26) as char,
+                                          (b'A' + r % 26) as char),
+                           "seats": seats})
+                })
+                .collect();
+            json!({"name": format!("S{s}"), "price_cents": 4000 + i64::from(s) * 1000, "rows": rows})
+        })
+        .collect();
+    json!({"name": "Cup Final", "venue": "Stadium", "starts_at": "2027-07-01T18:00:00Z",
+           "sections": sections})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_show_of_100000_seats_is_created_projected_and_read() -> anyhow::Result<()> {
+    let writes = Writes::spawn(600).await?;
+    let read = ReadSide::new().await?;
+    let projector = read.project(&writes.topic);
+    let (query, query_service) = read.serve().await?;
+    let client = reqwest::Client::new();
+    let created = send(
+        client
+            .post(format!("{}/shows", writes.base))
+            .json(&stadium(5, 100, 200)),
+    )
+    .await?;
+    ensure!(created.status == 201, "{created:?}");
+    ensure!(created.body["seats"] == 100_000, "{created:?}");
+    let show = created.body["show_id"].as_str().context("show_id")?;
+    let token = created.token.context("a token")?;
+    let whole = send(
+        client
+            .get(format!("{query}/shows/{show}/availability"))
+            .header("X-Consistency-Token", &token),
+    )
+    .await?;
+    ensure!(whole.status == 200, "{:?}", whole.status);
+    ensure!(
+        whole.body["seats"].as_object().map(|s| s.len()) == Some(100_000),
+        "the whole availability lacks seats"
+    );
+    ensure!(whole.body["available"] == 100_000 && whole.body["total"] == 100_000);
+    let section = send(client.get(format!("{query}/shows/{show}/availability?section=S3"))).await?;
+    ensure!(section.status == 200, "{section:?}");
+    let seats = section.body["seats"].as_object().context("seats")?;
+    ensure!(seats.len() == 20_000, "{} seats in S3", seats.len());
+    ensure!(seats.keys().all(|label| label.starts_with('D')));
+    ensure!(section.body["total"] == 100_000 && section.body["sections"][0]["total"] == 20_000);
+    let listed = send(client.get(format!("{query}/shows/{show}"))).await?;
+    ensure!(
+        listed.status == 200 && listed.body["seats"] == 100_000,
+        "{listed:?}"
+    );
+    projector.stop().await?;
+    query_service.stop().await?;
+    read.drop().await?;
+    writes.stop().await
+}
+
+/// Bookings, holds and cancellations across a 20,000-seat show: the block
+/// documents, written seat by seat with targeted updates, equal the fold of
+/// the whole log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20000_seat_show_equals_the_fold_of_its_log() -> anyhow::Result<()> {
+    let writes = Writes::spawn(600).await?;
+    let read = ReadSide::new().await?;
+    let projector = read.project(&writes.topic);
+    let client = reqwest::Client::new();
+    let created = send(
+        client
+            .post(format!("{}/shows", writes.base))
+            .json(&stadium(2, 50, 200)),
+    )
+    .await?;
+    ensure!(created.status == 201, "{created:?}");
+    let show = created.body["show_id"]
+        .as_str()
+        .context("show_id")?
+        .to_owned();
+    let user = uuid::Uuid::new_v4().to_string();
+    for n in 0..60_u32 {
+        // Spread over both sections and across block boundaries.
+        let section = if n % 2 == 0 { 'A' } else { 'B' };
+        // The last seat of a row and the first of the next: every fifth
+        // row ends a block, so some bookings span two blocks.
+        let row = n % 49;
+        let name = |r: u32| {
+            format!(
+                "{section}{}{}",
+                char::from(b'A' + u8::try_from(r / 26).unwrap_or(0)),
+                char::from(b'A' + u8::try_from(r % 26).unwrap_or(0))
+            )
+        };
+        let seats = vec![format!("{}200", name(row)), format!("{}1", name(row + 1))];
+        let answer =
+            send(client.post(format!("{}/bookings", writes.base)).json(
+                &json!({"show_id": show, "user_id": user, "seats": seats, "hold": n % 3 == 0}),
+            ))
+            .await?;
+        ensure!(answer.status == 201, "{answer:?}");
+        if n % 4 == 0 {
+            let id = answer.body["booking_id"].as_str().context("booking_id")?;
+            let cancelled =
+                send(client.post(format!("{}/bookings/{id}/cancel", writes.base))).await?;
+            ensure!(cancelled.status == 200, "{cancelled:?}");
+        }
+    }
+    converge(&writes, &read, Duration::from_secs(60)).await?;
+    let blocks = read.store.blocks(read.store.pointer().await?.current);
+    ensure!(blocks.count_documents(mongodb::bson::doc! {}).await? == 20);
+    projector.stop().await?;
+    read.drop().await?;
+    writes.stop().await
+}
