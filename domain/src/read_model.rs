@@ -7,12 +7,13 @@
 //!
 //! Priced by the change: a show's seats live in block documents of at most
 //! [`BLOCK_SEATS`] seats each (a section's seats in row order, cut into
-//! blocks), next to a show document that never changes once written. A
-//! booking of two seats in a 100,000-seat stadium changes two seats and the
-//! counts of one or two blocks, and the projector writes just that
-//! (targeted `$set` and `$inc`), never a document holding every seat.
-//! `GET /shows/{id}/availability` reads a show's blocks in one indexed
-//! range, `?section=` in one narrower range.
+//! blocks, each with a small tally of its counts and holds), next to a show
+//! document that never changes once written. A booking of two seats in a
+//! 100,000-seat stadium changes two seats and the tally of one or two
+//! blocks, and the projector writes just that (targeted `$set` and `$inc`),
+//! never a document holding every seat. `GET /shows/{id}/availability`
+//! reads a show's tallies and blocks in indexed ranges, `?section=` only
+//! that section's blocks.
 //!
 //! Idempotence: every document records the last sequence it applied of each
 //! stream it holds (a block: each seat's; a booking: its own; a show: the
@@ -36,8 +37,12 @@ use crate::{AnyEvent, BookingState, PublishedEvent, Timestamp};
 
 /// Collection of the show documents (details and seat map).
 pub const SHOWS: &str = "shows";
-/// Collection of the block documents (seats, their counts and holds).
+/// Collection of the block documents: a block's seats.
 pub const BLOCKS: &str = "blocks";
+/// Collection of the blocks' tallies: a block's counts and the holds in
+/// force among its seats, under the block's `_id`, so that counts are read
+/// without reading seats.
+pub const TALLIES: &str = "tallies";
 /// Collection of the booking documents.
 pub const BOOKINGS: &str = "bookings";
 /// Collection (not generation-specific) naming the generation the query
@@ -190,7 +195,10 @@ pub struct ShowDoc {
 }
 
 /// Up to [`BLOCK_SEATS`] seats of one section, their counts and the holds
-/// in force among them. `_id` is `{show_id}:{section}:{block}`.
+/// in force among them. `_id` is `{show_id}:{section}:{block}`. Stored as
+/// two documents under that `_id`, written together in one transaction:
+/// the seats in [`BLOCKS`], the counts and holds in [`TALLIES`] (each reads
+/// back as a `BlockDoc` with the other part empty).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockDoc {
     /// `{show_id}:{section}:{block}`.
@@ -202,13 +210,14 @@ pub struct BlockDoc {
     pub section: u32,
     /// Its place among the section's blocks.
     pub block: u32,
-    /// Seats per state, as recorded.
+    /// Seats per state, as recorded (stored in the block's tally).
+    #[serde(default)]
     pub counts: Counts,
-    /// The seats, by label (left out of reads that need only counts).
+    /// The seats, by label (stored in the block document).
     #[serde(default)]
     pub seats: BTreeMap<String, SeatDoc>,
     /// When each held seat's hold lapses, so that counts can be read at a
-    /// time without the seats.
+    /// time without the seats (stored in the block's tally).
     #[serde(default)]
     pub holds: BTreeMap<String, String>,
 }
@@ -216,6 +225,13 @@ pub struct BlockDoc {
 /// The `_id` of a block.
 pub fn block_id(show_id: &str, section: u32, block: u32) -> String {
     format!("{show_id}:{section}:{block}")
+}
+
+/// The show, section and block of a block's `_id`.
+pub fn parse_block_id(id: &str) -> Option<(String, u32, u32)> {
+    let (rest, block) = id.rsplit_once(':')?;
+    let (show, section) = rest.rsplit_once(':')?;
+    Some((show.to_owned(), section.parse().ok()?, block.parse().ok()?))
 }
 
 /// Why an event could not be applied.

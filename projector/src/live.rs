@@ -446,12 +446,14 @@ impl Projection {
                 continue;
             }
             let before = state.parked_shows.len();
+            let applying = Instant::now();
             if !self
                 .apply(generation, &batch, &mut state.parked_shows, stop)
                 .await
             {
                 return Ok(Ended::Stopped);
             }
+            let applied_in = applying.elapsed();
             for (partition, offset) in &batch.offsets {
                 state.next.insert(*partition, offset + 1);
             }
@@ -491,6 +493,13 @@ impl Projection {
                 }
                 None => return Ok(Ended::Stopped),
             }
+            tracing::debug!(
+                generation,
+                events = batch.received.len(),
+                apply_ms = applied_in.as_secs_f64() * 1e3,
+                save_ms = (applying.elapsed() - applied_in).as_secs_f64() * 1e3,
+                "batch applied"
+            );
             let parked = state.parked_shows.clone();
             self.status.update(|r| r.parked_shows = parked);
         }

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use domain::read_model::{
-    self, BlockDoc, BookingDoc, Counts, Models, SeatChange, ShowDoc, Target, BLOCKS, BOOKINGS,
-    SHOWS,
+    self, BlockDoc, BookingDoc, Counts, Models, SeatChange, SeatDoc, ShowDoc, Target, BLOCKS,
+    BOOKINGS, SHOWS, TALLIES,
 };
 use domain::PublishedEvent;
 use mongodb::bson::{doc, DateTime, Document};
@@ -102,10 +102,19 @@ pub struct ReadStore {
     /// Show documents by generation and id: written once, read by every
     /// batch that touches their seats.
     shows: Arc<Mutex<ShowCache>>,
+    /// The seats of the blocks this writer has read or written, by
+    /// generation and block: what a batch needs to know of a seat before
+    /// changing it, without a read per batch. Every write is conditional
+    /// on the seats' sequences as cached, so a stale entry is found out
+    /// (and dropped) rather than written over.
+    seats: Arc<Mutex<SeatCache>>,
 }
 
 /// Show documents by generation and show id.
 type ShowCache = HashMap<(u32, String), Arc<ShowDoc>>;
+
+/// The seats of blocks by generation and block id.
+type SeatCache = HashMap<(u32, String), BTreeMap<String, SeatDoc>>;
 
 const MAX_ATTEMPTS: u32 = 8;
 
@@ -125,6 +134,7 @@ impl ReadStore {
             client,
             database,
             shows: Arc::default(),
+            seats: Arc::default(),
         })
     }
 
@@ -157,6 +167,12 @@ impl ReadStore {
     pub fn blocks(&self, generation: u32) -> Collection<BlockDoc> {
         self.database
             .collection(&read_model::collection_name(generation, BLOCKS))
+    }
+
+    /// The blocks' tallies of `generation` (read as blocks without seats).
+    pub fn tallies(&self, generation: u32) -> Collection<BlockDoc> {
+        self.database
+            .collection(&read_model::collection_name(generation, TALLIES))
     }
 
     /// The booking documents of `generation`.
@@ -199,10 +215,22 @@ impl ReadStore {
             )
             .build();
         self.blocks(generation).create_index(by_show).await?;
-        // What the cache holds may be gone (a wiped database): it is
-        // filled again from what MongoDB holds.
+        let by_show = IndexModel::builder()
+            .keys(doc! { "show_id": 1, "section": 1, "block": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("by_show_section".to_owned())
+                    .build(),
+            )
+            .build();
+        self.tallies(generation).create_index(by_show).await?;
+        // What the caches hold may be gone (a wiped or restored database):
+        // they are filled again from what MongoDB holds.
         if let Ok(mut shows) = self.shows.lock() {
             shows.clear();
+        }
+        if let Ok(mut seats) = self.seats.lock() {
+            seats.clear();
         }
         Ok(())
     }
@@ -245,10 +273,14 @@ impl ReadStore {
     pub async fn drop_generation(&self, generation: u32) -> Result<(), StoreError> {
         self.shows(generation).drop().await?;
         self.blocks(generation).drop().await?;
+        self.tallies(generation).drop().await?;
         self.bookings(generation).drop().await?;
         self.parked(generation).drop().await?;
         if let Ok(mut shows) = self.shows.lock() {
             shows.retain(|(g, _), _| *g != generation);
+        }
+        if let Ok(mut seats) = self.seats.lock() {
+            seats.retain(|(g, _), _| *g != generation);
         }
         self.generations().drop_offsets(generation).await?;
         Ok(())
@@ -505,47 +537,57 @@ impl ReadStore {
             let show = shows.get(&id).map(|show| show.as_ref().clone());
             models.shows.insert(id, show);
         }
-        // Of each block, just the seats the batch changes.
+        // Of each block, just the seats the batch changes: from the cache,
+        // or read once (the whole block) and cached.
         let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (show, label) in &seats {
             if let Some(block) = shows.get(show).and_then(|s| s.block_id_of(label)) {
                 wanted.entry(block).or_default().insert(label.to_string());
             }
         }
-        if !wanted.is_empty() {
-            let mut projection = doc! { "show_id": 1, "section": 1, "block": 1 };
-            for label in wanted.values().flatten() {
-                projection.insert(format!("seats.{label}"), 1);
-            }
-            let ids: Vec<&String> = wanted.keys().collect();
+        let missing: Vec<&String> = match self.seats.lock() {
+            Ok(cache) => wanted
+                .keys()
+                .filter(|id| !cache.contains_key(&(generation, (*id).clone())))
+                .collect(),
+            Err(_) => wanted.keys().collect(),
+        };
+        if !missing.is_empty() {
             let mut cursor = self
                 .blocks(generation)
-                .clone_with_type::<Document>()
-                .find(doc! { "_id": { "$in": ids } })
-                .projection(projection)
+                .find(doc! { "_id": { "$in": missing } })
                 .await?;
             while cursor.advance().await? {
-                let found: Document = cursor.deserialize_current()?;
+                let block: BlockDoc = cursor.deserialize_current()?;
+                if let Ok(mut cache) = self.seats.lock() {
+                    cache.insert((generation, block.block_id.clone()), block.seats);
+                }
+            }
+        }
+        if let Ok(cache) = self.seats.lock() {
+            for (id, labels) in &wanted {
+                let Some(block_seats) = cache.get(&(generation, id.clone())) else {
+                    models.blocks.insert(id.clone(), None);
+                    continue;
+                };
+                let Some((show_id, section, block)) = read_model::parse_block_id(id) else {
+                    models.blocks.insert(id.clone(), None);
+                    continue;
+                };
                 let partial = BlockDoc {
-                    block_id: found.get_str("_id").unwrap_or_default().to_owned(),
-                    show_id: found.get_str("show_id").unwrap_or_default().to_owned(),
-                    section: small_int(found.get("section")),
-                    block: small_int(found.get("block")),
+                    block_id: id.clone(),
+                    show_id,
+                    section,
+                    block,
                     // Counted from zero: after the fold, the change.
                     counts: Counts::default(),
-                    seats: match found.get_document("seats") {
-                        Ok(seats) => mongodb::bson::from_document(seats.clone())
-                            .map_err(mongodb::error::Error::from)?,
-                        Err(_) => BTreeMap::new(),
-                    },
+                    seats: labels
+                        .iter()
+                        .filter_map(|label| Some((label.clone(), block_seats.get(label)?.clone())))
+                        .collect(),
                     holds: BTreeMap::new(),
                 };
-                models
-                    .blocks
-                    .insert(partial.block_id.clone(), Some(partial));
-            }
-            for id in wanted.keys() {
-                models.blocks.entry(id.clone()).or_default();
+                models.blocks.insert(id.clone(), Some(partial));
             }
         }
         if !booking_ids.is_empty() {
@@ -567,10 +609,12 @@ impl ReadStore {
         Ok(Loaded { models })
     }
 
-    /// Writes what the fold changed: new shows and their blocks, targeted
-    /// updates of changed blocks, changed bookings. `None` when another
-    /// writer changed something first (nothing to undo: each write that
-    /// did land is one a retry would make anyway).
+    /// Writes what the fold changed, in one transaction: new shows with
+    /// their blocks and tallies, each changed block's seats and tally as
+    /// targeted updates conditional on the seats' sequences as loaded,
+    /// changed bookings conditional on their versions. `None` when another
+    /// writer changed something first: the transaction is abandoned and
+    /// nothing of it is written.
     async fn write(
         &self,
         generation: u32,
@@ -578,62 +622,53 @@ impl ReadStore {
         models: &Models,
         changed_seats: &BTreeMap<String, BTreeMap<String, SeatChange>>,
     ) -> Result<Option<usize>, StoreError> {
-        let shows = self.shows(generation);
         let blocks = self.blocks(generation);
+        let tallies = self.tallies(generation);
         let bookings = self.bookings(generation);
         let mut writes: Vec<mongodb::options::WriteModel> = Vec::new();
         let (mut matched, mut inserted, mut upserts) = (0_i64, 0_i64, 0_i64);
-        // A new show is written after its blocks, in a write of its own: a
-        // reader that finds the show finds all of its seats.
-        let mut new_shows: Vec<mongodb::options::WriteModel> = Vec::new();
         for (id, show) in &models.shows {
             let Some(show) = show else { continue };
             if loaded.models.shows.get(id).is_some_and(Option::is_some) {
                 continue;
             }
-            new_shows.push(shows.insert_one_model(show)?.into());
+            inserted += 1;
+            writes.push(self.shows(generation).insert_one_model(show)?.into());
         }
+        let mut created = Vec::new();
         for (id, block) in &models.blocks {
             let Some(block) = block else { continue };
             if !loaded.models.blocks.get(id).is_some_and(Option::is_some) {
-                // Created with its show in this batch: written whole, over
-                // what an attempt that did not get as far as the show left
-                // (no seat event applies to a show not yet written).
-                upserts += 1;
-                writes.push(
-                    mongodb::options::ReplaceOneModel::builder()
-                        .namespace(blocks.namespace())
-                        .filter(doc! { "_id": id })
-                        .replacement(
-                            mongodb::bson::to_document(block)
-                                .map_err(mongodb::error::Error::from)?,
-                        )
-                        .upsert(true)
-                        .build()
-                        .into(),
-                );
+                // Created with its show in this batch: written whole.
+                let (seats, tally) = split(block)?;
+                upserts += 2;
+                writes.push(replace_model(&blocks, id, seats));
+                writes.push(replace_model(&tallies, id, tally));
+                created.push(id.clone());
                 continue;
             }
             let Some(changes) = changed_seats.get(id) else {
                 continue;
             };
             let mut filter = doc! { "_id": id };
-            let (mut set, mut unset, mut inc) = (Document::new(), Document::new(), Document::new());
+            let mut seats = Document::new();
+            let (mut holds, mut unheld, mut inc) =
+                (Document::new(), Document::new(), Document::new());
             for (label, change) in changes {
                 filter.insert(format!("seats.{label}.q"), change.before.sequence);
                 let Some(after) = block.seats.get(label) else {
                     continue;
                 };
-                set.insert(
+                seats.insert(
                     format!("seats.{label}"),
                     mongodb::bson::to_bson(after).map_err(mongodb::error::Error::from)?,
                 );
                 match block.holds.get(label) {
                     Some(expires_at) => {
-                        set.insert(format!("holds.{label}"), expires_at.clone());
+                        holds.insert(format!("holds.{label}"), expires_at.clone());
                     }
                     None => {
-                        unset.insert(format!("holds.{label}"), "");
+                        unheld.insert(format!("holds.{label}"), "");
                     }
                 }
             }
@@ -647,22 +682,22 @@ impl ReadStore {
                     inc.insert(field, n);
                 }
             }
-            let mut update = doc! { "$set": set };
-            if !unset.is_empty() {
-                update.insert("$unset", unset);
+            matched += 1;
+            writes.push(update_model(&blocks, filter, doc! { "$set": seats }));
+            let mut tally = Document::new();
+            if !holds.is_empty() {
+                tally.insert("$set", holds);
+            }
+            if !unheld.is_empty() {
+                tally.insert("$unset", unheld);
             }
             if !inc.is_empty() {
-                update.insert("$inc", inc);
+                tally.insert("$inc", inc);
             }
-            matched += 1;
-            writes.push(
-                mongodb::options::UpdateOneModel::builder()
-                    .namespace(blocks.namespace())
-                    .filter(filter)
-                    .update(update)
-                    .build()
-                    .into(),
-            );
+            if !tally.is_empty() {
+                matched += 1;
+                writes.push(update_model(&tallies, doc! { "_id": id }, tally));
+            }
         }
         for (id, booking) in &models.bookings {
             let Some(booking) = booking else { continue };
@@ -687,39 +722,117 @@ impl ReadStore {
                 }
             }
         }
-        let count = writes.len() + new_shows.len();
-        if !writes.is_empty() {
-            match self.client.bulk_write(writes).ordered(false).await {
-                Ok(result)
-                    if result.matched_count + result.upserted_count == matched + upserts
-                        && result.inserted_count == inserted => {}
-                Ok(_) => return Ok(None),
-                // Another writer inserted the same document first: reload.
-                Err(error) if is_duplicate_id(&error) => return Ok(None),
-                Err(error) => return Err(error.into()),
-            }
+        if writes.is_empty() {
+            return Ok(Some(0));
         }
-        if !new_shows.is_empty() {
-            let shows = i64::try_from(new_shows.len()).unwrap_or(i64::MAX);
-            match self.client.bulk_write(new_shows).ordered(false).await {
-                Ok(result) if result.inserted_count == shows => {}
-                Ok(_) => return Ok(None),
-                Err(error) if is_duplicate_id(&error) => return Ok(None),
-                Err(error) => return Err(error.into()),
+        let count = writes.len();
+        let mut session = self.client.start_session().await?;
+        session.start_transaction().await?;
+        let result = self
+            .client
+            .bulk_write(writes)
+            .ordered(false)
+            .session(&mut session)
+            .await;
+        let landed = match result {
+            Ok(result) => {
+                result.matched_count + result.upserted_count == matched + upserts
+                    && result.inserted_count == inserted
             }
+            // Another writer inserted the same document first.
+            Err(error) if is_duplicate_id(&error) => false,
+            Err(error) => {
+                let _ = session.abort_transaction().await;
+                return Err(error.into());
+            }
+        };
+        if !landed {
+            let _ = session.abort_transaction().await;
+            self.forget_seats(generation, changed_seats.keys());
+            return Ok(None);
         }
+        session.commit_transaction().await?;
+        self.remember_seats(generation, models, changed_seats, &created);
         Ok(Some(count))
+    }
+
+    /// Drops cached seats found stale.
+    fn forget_seats<'a>(&self, generation: u32, blocks: impl Iterator<Item = &'a String>) {
+        if let Ok(mut cache) = self.seats.lock() {
+            for id in blocks {
+                cache.remove(&(generation, id.clone()));
+            }
+        }
+    }
+
+    /// Keeps in the cache the seats as just written.
+    fn remember_seats(
+        &self,
+        generation: u32,
+        models: &Models,
+        changed_seats: &BTreeMap<String, BTreeMap<String, SeatChange>>,
+        created: &[String],
+    ) {
+        let Ok(mut cache) = self.seats.lock() else {
+            return;
+        };
+        for id in created {
+            if let Some(Some(block)) = models.blocks.get(id) {
+                cache.insert((generation, id.clone()), block.seats.clone());
+            }
+        }
+        for (id, changes) in changed_seats {
+            let (Some(Some(block)), Some(cached)) = (
+                models.blocks.get(id),
+                cache.get_mut(&(generation, id.clone())),
+            ) else {
+                continue;
+            };
+            for label in changes.keys() {
+                if let Some(after) = block.seats.get(label) {
+                    cached.insert(label.clone(), after.clone());
+                }
+            }
+        }
     }
 }
 
-/// A small number as stored (MongoDB may keep it in 32 or 64 bits).
-fn small_int(value: Option<&mongodb::bson::Bson>) -> u32 {
-    use mongodb::bson::Bson;
-    match value {
-        Some(Bson::Int32(n)) => u32::try_from(*n).unwrap_or(0),
-        Some(Bson::Int64(n)) => u32::try_from(*n).unwrap_or(0),
-        _ => 0,
-    }
+/// A block as stored: its seats for [`BLOCKS`], its counts and holds for
+/// [`TALLIES`].
+fn split(block: &BlockDoc) -> Result<(Document, Document), StoreError> {
+    let mut seats = mongodb::bson::to_document(block).map_err(mongodb::error::Error::from)?;
+    let mut tally = seats.clone();
+    seats.remove("counts");
+    seats.remove("holds");
+    tally.remove("seats");
+    Ok((seats, tally))
+}
+
+fn replace_model<T: Send + Sync>(
+    collection: &Collection<T>,
+    id: &str,
+    replacement: Document,
+) -> mongodb::options::WriteModel {
+    mongodb::options::ReplaceOneModel::builder()
+        .namespace(collection.namespace())
+        .filter(doc! { "_id": id })
+        .replacement(replacement)
+        .upsert(true)
+        .build()
+        .into()
+}
+
+fn update_model<T: Send + Sync>(
+    collection: &Collection<T>,
+    filter: Document,
+    update: Document,
+) -> mongodb::options::WriteModel {
+    mongodb::options::UpdateOneModel::builder()
+        .namespace(collection.namespace())
+        .filter(filter)
+        .update(update)
+        .build()
+        .into()
 }
 
 /// What a batch found in MongoDB before folding.

@@ -402,25 +402,17 @@ pub async fn availability(
     // The whole show's counts, and the seats of what is asked for: with
     // `?section=` the counts of every block and the seats of the section's
     // blocks, read at once.
-    let (blocks, section_blocks) = match only {
-        None => (
-            blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, true).await?,
-            None,
-        ),
-        Some(section) => {
-            let (blocks, seated) = tokio::try_join!(
-                blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, false),
-                blocks_where(
-                    &reads,
-                    generation,
-                    doc! { "show_id": &show.show_id, "section": i64::from(section) },
-                    true
-                ),
-            )?;
-            (blocks, Some(seated))
-        }
+    // The whole show's counts from the tallies, and the seats of what is
+    // asked for from the blocks (with `?section=`, that section's), read at
+    // once.
+    let seats_filter = match only {
+        None => doc! { "show_id": &show.show_id },
+        Some(section) => doc! { "show_id": &show.show_id, "section": i64::from(section) },
     };
-    let seated: &[BlockDoc] = section_blocks.as_deref().unwrap_or(&blocks);
+    let (blocks, seated) = tokio::try_join!(
+        blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, false),
+        blocks_where(&reads, generation, seats_filter, true),
+    )?;
     let now = Utc::now();
     let (counts, section_counts) = show.counts_at(&blocks, now);
     let in_scope = |index: usize| only.is_none_or(|only| only as usize == index);
@@ -573,7 +565,7 @@ async fn find_show(
     reads: &Reads,
     id: &str,
     headers: &HeaderMap,
-) -> Result<(u32, ShowDoc), QueryError> {
+) -> Result<(u32, std::sync::Arc<ShowDoc>), QueryError> {
     let show_id: ShowId = id.parse().map_err(|_| QueryError::NotFound("show"))?;
     if let Some(token) = token(reads, headers)? {
         if token.show_id == show_id {
@@ -582,38 +574,32 @@ async fn find_show(
     }
     let mut generation = reads.generation()?;
     loop {
-        let found = reads
-            .bounded(
-                reads
-                    .shows(generation)
-                    .find_one(doc! { "_id": show_id.to_string() }),
-            )
-            .await?;
-        match found {
+        match reads.show_in(generation, &show_id.to_string()).await? {
             Some(show) => return Ok((generation, show)),
             None => generation = reads.after_miss(generation, SHOWS, "show").await?,
         }
     }
 }
 
-/// The blocks matching `filter` in section and block order, with their
-/// seats or (for counts alone) without.
+/// The blocks matching `filter` in section and block order: their seats,
+/// or (for counts alone) their tallies.
 async fn blocks_where(
     reads: &Reads,
     generation: u32,
     filter: Document,
     seats: bool,
 ) -> Result<Vec<BlockDoc>, QueryError> {
-    let mut options = FindOptions::builder()
+    let collection = if seats {
+        reads.blocks(generation)
+    } else {
+        reads.tallies(generation)
+    };
+    let options = FindOptions::builder()
         .sort(doc! { "show_id": 1, "section": 1, "block": 1 })
         .build();
-    if !seats {
-        options.projection = Some(doc! { "seats": 0 });
-    }
     reads
         .bounded(async {
-            reads
-                .blocks(generation)
+            collection
                 .find(filter)
                 .with_options(options)
                 .await?

@@ -16,6 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use domain::read_model::{
     self, BlockDoc, BookingDoc, ShowDoc, BLOCKS, BOOKINGS, GENERATIONS, GENERATION_POINTER, SHOWS,
+    TALLIES,
 };
 use domain::TokenKey;
 use mongodb::bson::{doc, Document};
@@ -133,13 +134,22 @@ impl Reads {
             .collection(&read_model::collection_name(generation, BLOCKS))
     }
 
-    /// A show document of the current generation. Show documents never
-    /// change once written, so each is read once per generation.
+    /// Blocks' tallies (counts and holds) of `generation`.
+    pub fn tallies(&self, generation: u32) -> Collection<BlockDoc> {
+        self.database
+            .collection(&read_model::collection_name(generation, TALLIES))
+    }
+
+    /// A show document of `generation`, `None` if there is none. Show
+    /// documents never change once written, so each is read once.
     ///
     /// # Errors
-    /// [`QueryError::NotFound`], or the read models unavailable.
-    pub async fn show(&self, show_id: &str) -> Result<Arc<ShowDoc>, QueryError> {
-        let generation = self.generation()?;
+    /// The read models unavailable.
+    pub async fn show_in(
+        &self,
+        generation: u32,
+        show_id: &str,
+    ) -> Result<Option<Arc<ShowDoc>>, QueryError> {
         let key = (generation, show_id.to_owned());
         if let Some(show) = self
             .show_cache
@@ -147,12 +157,14 @@ impl Reads {
             .ok()
             .and_then(|c| c.get(&key).cloned())
         {
-            return Ok(show);
+            return Ok(Some(show));
         }
-        let show = self
+        let Some(show) = self
             .bounded(self.shows(generation).find_one(doc! { "_id": show_id }))
             .await?
-            .ok_or(QueryError::NotFound("show"))?;
+        else {
+            return Ok(None);
+        };
         let show = Arc::new(show);
         if let Ok(mut cache) = self.show_cache.lock() {
             // Bounded: a cache of the shows people are buying seats for.
@@ -161,7 +173,17 @@ impl Reads {
             }
             cache.insert(key, Arc::clone(&show));
         }
-        Ok(show)
+        Ok(Some(show))
+    }
+
+    /// A show document of the current generation.
+    ///
+    /// # Errors
+    /// [`QueryError::NotFound`], or the read models unavailable.
+    pub async fn show(&self, show_id: &str) -> Result<Arc<ShowDoc>, QueryError> {
+        self.show_in(self.generation()?, show_id)
+            .await?
+            .ok_or(QueryError::NotFound("show"))
     }
 
     /// Booking documents of `generation`.
