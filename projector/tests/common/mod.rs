@@ -437,7 +437,8 @@ pub struct Answer {
 }
 
 pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
-    let response = request.send().await?;
+    // Every wait of a test is bounded: a hang fails it, with a reason.
+    let response = request.timeout(Duration::from_secs(30)).send().await?;
     let header = |name: &str| {
         response
             .headers()
