@@ -54,7 +54,8 @@ pub struct ConsumerSettings {
     pub topic: String,
     /// Kafka consumer group id. The projector assigns itself every
     /// partition and keeps its offsets in MongoDB, so the group only names
-    /// the client to the broker.
+    /// the client to the broker (a consumer without one receives nothing
+    /// from Tansu).
     #[arg(long, env = "PROJECTOR_GROUP", default_value = "ticketing-projector")]
     pub group: String,
     /// Most events applied in one batch.
@@ -163,6 +164,9 @@ const IDLE: Duration = Duration::from_millis(500);
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the live run looks at the pointer while batches keep coming.
 const POINTER_EVERY: Duration = Duration::from_millis(100);
+/// Longest a switch spends bringing the rebuilt generation up to the
+/// current one before it gives up this attempt.
+const SWITCH_CATCH_UP: Duration = Duration::from_secs(60);
 
 impl Projection {
     /// A projection with these settings into `store`.
@@ -370,10 +374,23 @@ impl Projection {
             to,
             "bringing the rebuilt generation up to the current one"
         );
-        let ended = self
-            .project(to, start, lease.epoch, Goal::Reach(target), stop)
-            .await?;
-        match ended {
+        // Bounded: a target the feed cannot reach (a broker whose end lies
+        // past its last readable message) must not hold the lease and the
+        // old generation forever; the next attempt goes on from here.
+        let Ok(ended) = tokio::time::timeout(
+            SWITCH_CATCH_UP,
+            self.project(to, start, lease.epoch, Goal::Reach(target), stop),
+        )
+        .await
+        else {
+            tracing::warn!(
+                from,
+                to,
+                "the rebuilt generation did not reach the current one in time; trying again"
+            );
+            return Ok(false);
+        };
+        match ended? {
             Ended::Reached => {}
             Ended::Fenced => {
                 anyhow::bail!("generation {to} is written by a projector of a later epoch")
@@ -510,7 +527,7 @@ impl Projection {
     /// # Errors
     /// When the broker cannot say.
     pub async fn topic_end(&self) -> anyhow::Result<BTreeMap<i32, i64>> {
-        let consumer: Arc<StreamConsumer> = Arc::new(consumer_config(&self.settings).create()?);
+        let consumer = Closing::new(consumer_config(&self.settings).create()?);
         let topic = self.settings.topic.clone();
         tokio::task::spawn_blocking(move || {
             let mut end = BTreeMap::new();
@@ -646,7 +663,42 @@ fn consumer_config(settings: &ConsumerSettings) -> ClientConfig {
 
 /// A consumer assigned every partition of the topic at given offsets.
 struct Feed {
-    consumer: Arc<StreamConsumer>,
+    consumer: Closing,
+}
+
+/// A consumer closed on a thread of its own when dropped: rdkafka closes a
+/// consumer with a `group.id` by polling until the broker confirms, with
+/// no time limit, on the dropping thread. On a tokio worker (or a blocking
+/// task, which the runtime waits for when it shuts down) a broker that
+/// never confirms froze the projector.
+struct Closing(Option<Arc<StreamConsumer>>);
+
+impl Closing {
+    fn new(consumer: StreamConsumer) -> Self {
+        Self(Some(Arc::new(consumer)))
+    }
+}
+
+impl std::ops::Deref for Closing {
+    type Target = Arc<StreamConsumer>;
+
+    fn deref(&self) -> &Self::Target {
+        // Taken only by `drop`.
+        self.0.as_ref().expect("a consumer until dropped")
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let closing = std::thread::Builder::new()
+                .name("kafka-close".to_owned())
+                .spawn(move || drop(consumer));
+            if let Err(error) = closing {
+                tracing::warn!(%error, "no thread to close a Kafka consumer on; closing it here");
+            }
+        }
+    }
 }
 
 impl Feed {
@@ -663,7 +715,7 @@ impl Feed {
         next: &mut BTreeMap<i32, i64>,
         stop: &CancellationToken,
     ) -> anyhow::Result<Option<Self>> {
-        let consumer: Arc<StreamConsumer> = Arc::new(
+        let consumer = Closing::new(
             consumer_config(settings)
                 .create()
                 .context("invalid Kafka consumer settings")?,

@@ -34,6 +34,9 @@ use crate::generations::{Generations, LEASE_TTL, RENEW_EVERY};
 use crate::live::{keep_lease, pause, ConsumerSettings, Ended, Goal, Projection};
 use crate::store::ReadStore;
 
+/// Most catch-up rounds before the replay asks for the switch.
+const CATCH_UP_ROUNDS: u32 = 20;
+
 /// Settings of a replay.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplaySettings {
@@ -245,7 +248,7 @@ async fn build(
     // live projector then closes the last gap at the switch, while the
     // query side still reads the old generation.
     let projection = Projection::named(consumer.clone(), store.clone(), claim.to_owned());
-    loop {
+    for rounds in 1.. {
         let round = Instant::now();
         let target = generations
             .offsets_of(from)
@@ -263,7 +266,9 @@ async fn build(
             }
             other => anyhow::bail!("catching up generation {to} ended early: {other:?}"),
         }
-        if round.elapsed() < Duration::from_secs(1) {
+        // A projector that never gets a second ahead of the live one hands
+        // the rest to the switch, which closes the gap however large.
+        if round.elapsed() < Duration::from_secs(1) || rounds >= CATCH_UP_ROUNDS {
             break;
         }
     }

@@ -726,32 +726,44 @@ impl ReadStore {
             return Ok(Some(0));
         }
         let count = writes.len();
-        let mut session = self.client.start_session().await?;
-        session.start_transaction().await?;
-        let result = self
-            .client
-            .bulk_write(writes)
-            .ordered(false)
-            .session(&mut session)
-            .await;
-        let landed = match result {
-            Ok(result) => {
-                result.matched_count + result.upserted_count == matched + upserts
-                    && result.inserted_count == inserted
-            }
-            // Another writer inserted the same document first.
-            Err(error) if is_duplicate_id(&error) => false,
-            Err(error) => {
+        // In a task of its own, which ends the transaction either way: a
+        // caller dropped half-way (a stop, a lost lease) would otherwise
+        // leave it open on the server, its documents locked until reaped.
+        let client = self.client.clone();
+        let transaction = tokio::spawn(async move {
+            let mut session = client.start_session().await?;
+            session.start_transaction().await?;
+            let result = client
+                .bulk_write(writes)
+                .ordered(false)
+                .session(&mut session)
+                .await;
+            let landed = match result {
+                Ok(result) => {
+                    result.matched_count + result.upserted_count == matched + upserts
+                        && result.inserted_count == inserted
+                }
+                // Another writer inserted the same document first.
+                Err(error) if is_duplicate_id(&error) => false,
+                Err(error) => {
+                    let _ = session.abort_transaction().await;
+                    return Err(error);
+                }
+            };
+            if landed {
+                session.commit_transaction().await?;
+            } else {
                 let _ = session.abort_transaction().await;
-                return Err(error.into());
             }
-        };
+            Ok(landed)
+        });
+        let landed = transaction
+            .await
+            .map_err(|failed| StoreError::Busy(format!("the write task failed: {failed}")))??;
         if !landed {
-            let _ = session.abort_transaction().await;
             self.forget_seats(generation, changed_seats.keys());
             return Ok(None);
         }
-        session.commit_transaction().await?;
         self.remember_seats(generation, models, changed_seats, &created);
         Ok(Some(count))
     }
