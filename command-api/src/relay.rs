@@ -77,15 +77,18 @@ pub struct RelaySettings {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_poll_ms: u64,
     /// How often a standby relay tries to take over, in ms.
-    #[arg(long, env = "RELAY_STANDBY_POLL_MS", default_value_t = 1000)]
+    #[arg(long, env = "RELAY_STANDBY_POLL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_standby_poll_ms: u64,
-    /// How long Kafka may take to acknowledge a message before the batch is
-    /// retried, in ms.
-    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 15_000)]
+    /// How long Kafka may take to acknowledge a batch before the relay
+    /// starts over from its checkpoint, in ms (each batch in flight gets
+    /// this much on top of those queued ahead of it).
+    #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_ack_timeout_ms: u64,
     /// Most batches sent and not yet acknowledged at once.
     #[arg(long, env = "RELAY_IN_FLIGHT", default_value_t = 8,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=64))]
     pub relay_in_flight: u64,
 }
 
@@ -303,10 +306,12 @@ impl Relay {
         // A new producer for every term: after a failure an idempotent
         // producer may be fenced for good (a broker that restarted without
         // its producer state answers with a fatal sequence error).
-        let producer = producer(
-            &self.settings.kafka_brokers,
-            Duration::from_millis(self.settings.relay_ack_timeout_ms),
-        )?;
+        // librdkafka times a message from when it is queued: a batch behind
+        // a full window waits for the ones ahead of it first, and a slow
+        // broker must not time the tail out on every attempt.
+        let per_batch = Duration::from_millis(self.settings.relay_ack_timeout_ms.max(1));
+        let window = u32::try_from(self.settings.relay_in_flight.max(1)).unwrap_or(1);
+        let producer = producer(&self.settings.kafka_brokers, per_batch * window)?;
         let topic = &self.settings.relay_topic;
         let mut stored = checkpoint(&mut conn, topic).await?;
         self.status.update(|report| {
@@ -341,9 +346,16 @@ impl Relay {
             // Acknowledged from the oldest on: the stored cursor moves to
             // the end of that run, never past a batch still in flight.
             let mut acked: Option<(Cursor, usize)> = None;
+            let mut failed = None;
             while let Some((cursor, count, acks)) = in_flight.front_mut() {
                 match acks.as_mut().now_or_never() {
-                    Some(result) => result?,
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        // What was acknowledged before it is saved first,
+                        // so the next term does not send it again.
+                        failed = Some(error);
+                        break;
+                    }
                     None => break,
                 };
                 let (cursor, count) = (*cursor, *count);
@@ -370,6 +382,9 @@ impl Relay {
                     report.published += published;
                     report.last_error = None;
                 });
+            }
+            if let Some(error) = failed {
+                return Err(error);
             }
             // Counting the backlog is not free: at most once a second. A
             // busy relay learns of a rewind when a save fails, an idle one
