@@ -480,6 +480,19 @@ impl BlockDoc {
         counts
     }
 
+    /// Its counts at `now` from its seats alone: for a block read with its
+    /// seats, so that the counts and the seats of one answer agree.
+    pub fn seat_counts_at(&self, now: Timestamp) -> Counts {
+        let mut counts = Counts {
+            total: i64::try_from(self.seats.len()).unwrap_or(i64::MAX),
+            ..Counts::default()
+        };
+        for seat in self.seats.values() {
+            counts.add(seat.status_at(now), 1);
+        }
+        counts
+    }
+
     /// Whether the seats of `labels` it holds have applied at least these
     /// sequences.
     pub fn reflects_seats<'a>(

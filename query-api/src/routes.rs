@@ -2,7 +2,7 @@
 //! by `_id` or one indexed range of the current read-model generation; the
 //! only work done per request is reading a lapsed hold as available.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use axum::extract::{Path, Query, State};
@@ -399,9 +399,6 @@ pub async fn availability(
         ),
         None => None,
     };
-    // The whole show's counts, and the seats of what is asked for: with
-    // `?section=` the counts of every block and the seats of the section's
-    // blocks, read at once.
     // The whole show's counts from the tallies, and the seats of what is
     // asked for from the blocks (with `?section=`, that section's), read at
     // once.
@@ -414,7 +411,24 @@ pub async fn availability(
         blocks_where(&reads, generation, seats_filter, true),
     )?;
     let now = Utc::now();
-    let (counts, section_counts) = show.counts_at(&blocks, now);
+    // The two reads are not one snapshot: a batch committed between them
+    // would show a seat booked and still count it available. A block read
+    // with its seats is counted from them, the others from their tallies.
+    let seated_ids: BTreeSet<&str> = seated.iter().map(|b| b.block_id.as_str()).collect();
+    let counted: Vec<BlockDoc> = blocks
+        .into_iter()
+        .filter(|tally| !seated_ids.contains(tally.block_id.as_str()))
+        .chain(seated.iter().map(|block| BlockDoc {
+            block_id: block.block_id.clone(),
+            show_id: block.show_id.clone(),
+            section: block.section,
+            block: block.block,
+            counts: block.seat_counts_at(now),
+            seats: BTreeMap::new(),
+            holds: BTreeMap::new(),
+        }))
+        .collect();
+    let (counts, section_counts) = show.counts_at(&counted, now);
     let in_scope = |index: usize| only.is_none_or(|only| only as usize == index);
     let sections = show
         .sections
