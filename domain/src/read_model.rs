@@ -7,13 +7,13 @@
 //!
 //! Priced by the change: a show's seats live in block documents of at most
 //! [`BLOCK_SEATS`] seats each (a section's seats in row order, cut into
-//! blocks, each with a small tally of its counts and holds), next to a show
-//! document that never changes once written. A booking of two seats in a
-//! 100,000-seat stadium changes two seats and the tally of one or two
-//! blocks, and the projector writes just that (targeted `$set` and `$inc`),
-//! never a document holding every seat. `GET /shows/{id}/availability`
-//! reads a show's tallies and blocks in indexed ranges, `?section=` only
-//! that section's blocks.
+//! blocks, each with its counts and holds), next to a show document that
+//! never changes once written. A booking of two seats in a 100,000-seat
+//! stadium changes two seats and the counts of one or two blocks, and the
+//! projector writes just that (targeted `$set` and `$inc`), never a
+//! document holding every seat. `GET /shows/{id}/availability` reads a
+//! show's blocks in one indexed range (counts alone, without their seats,
+//! for the sections not asked for).
 //!
 //! Idempotence: every document records the last sequence it applied of each
 //! stream it holds (a block: each seat's; a booking: its own; a show: the
@@ -37,12 +37,8 @@ use crate::{AnyEvent, BookingState, PublishedEvent, Timestamp};
 
 /// Collection of the show documents (details and seat map).
 pub const SHOWS: &str = "shows";
-/// Collection of the block documents: a block's seats.
+/// Collection of the block documents: a block's seats, counts and holds.
 pub const BLOCKS: &str = "blocks";
-/// Collection of the blocks' tallies: a block's counts and the holds in
-/// force among its seats, under the block's `_id`, so that counts are read
-/// without reading seats.
-pub const TALLIES: &str = "tallies";
 /// Collection of the booking documents.
 pub const BOOKINGS: &str = "bookings";
 /// Collection (not generation-specific) naming the generation the query
@@ -195,10 +191,8 @@ pub struct ShowDoc {
 }
 
 /// Up to [`BLOCK_SEATS`] seats of one section, their counts and the holds
-/// in force among them. `_id` is `{show_id}:{section}:{block}`. Stored as
-/// two documents under that `_id`, written together in one transaction:
-/// the seats in [`BLOCKS`], the counts and holds in [`TALLIES`] (each reads
-/// back as a `BlockDoc` with the other part empty).
+/// in force among them. `_id` is `{show_id}:{section}:{block}`. One
+/// document, so that a write of its seats and counts is whole by itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockDoc {
     /// `{show_id}:{section}:{block}`.
@@ -210,14 +204,14 @@ pub struct BlockDoc {
     pub section: u32,
     /// Its place among the section's blocks.
     pub block: u32,
-    /// Seats per state, as recorded (stored in the block's tally).
+    /// Seats per state, as recorded.
     #[serde(default)]
     pub counts: Counts,
-    /// The seats, by label (stored in the block document).
+    /// The seats, by label.
     #[serde(default)]
     pub seats: BTreeMap<String, SeatDoc>,
     /// When each held seat's hold lapses, so that counts can be read at a
-    /// time without the seats (stored in the block's tally).
+    /// time without the seats.
     #[serde(default)]
     pub holds: BTreeMap<String, String>,
 }

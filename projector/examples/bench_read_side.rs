@@ -453,30 +453,12 @@ async fn matches_log(
         .await?
         .try_collect()
         .await?;
-    let tallies: std::collections::BTreeMap<String, domain::read_model::BlockDoc> = store
-        .tallies(generation)
-        .find(doc! {})
-        .await?
-        .try_collect::<Vec<domain::read_model::BlockDoc>>()
-        .await?
-        .into_iter()
-        .map(|t| (t.block_id.clone(), t))
-        .collect();
     let blocks: Vec<domain::read_model::BlockDoc> = store
         .blocks(generation)
         .find(doc! {})
         .await?
-        .try_collect::<Vec<domain::read_model::BlockDoc>>()
-        .await?
-        .into_iter()
-        .map(|mut block| {
-            if let Some(tally) = tallies.get(&block.block_id) {
-                block.counts = tally.counts;
-                block.holds.clone_from(&tally.holds);
-            }
-            block
-        })
-        .collect();
+        .try_collect()
+        .await?;
     let bookings: Vec<domain::read_model::BookingDoc> = store
         .bookings(generation)
         .find(doc! {})

@@ -10,10 +10,10 @@
 //!    to a bare driver `find` of the same block documents, alternated.
 //! 4. A projector draining a backlog of bookings from the topic into an
 //!    empty database, next to the same MongoDB taking the same writes
-//!    straight from the driver (the show, its blocks and tallies inserted,
+//!    straight from the driver (the show and its blocks inserted,
 //!    then per 500 events one `bulkWrite` of the booking writes and one
-//!    targeted update per changed block and tally), with none of the
-//!    projector's reads, transactions or offsets.
+//!    targeted update per changed block), with none of the
+//!    projector's reads or offsets.
 //!
 //! ```sh
 //! make up
@@ -405,7 +405,6 @@ async fn bare_writes(store: &ReadStore, log: &[PublishedEvent]) -> anyhow::Resul
         }
         let mut writes: Vec<mongodb::options::WriteModel> = Vec::new();
         let blocks = store.blocks(1);
-        let tallies = store.tallies(1);
         for show in &new_shows {
             for block in models
                 .blocks
@@ -413,23 +412,7 @@ async fn bare_writes(store: &ReadStore, log: &[PublishedEvent]) -> anyhow::Resul
                 .flatten()
                 .filter(|b| &b.show_id == show)
             {
-                let mut seats = mongodb::bson::to_document(block)?;
-                let mut tally = seats.clone();
-                seats.remove("counts");
-                seats.remove("holds");
-                tally.remove("seats");
-                writes.push(
-                    blocks
-                        .clone_with_type::<Document>()
-                        .insert_one_model(seats)?
-                        .into(),
-                );
-                writes.push(
-                    tallies
-                        .clone_with_type::<Document>()
-                        .insert_one_model(tally)?
-                        .into(),
-                );
+                writes.push(blocks.insert_one_model(block)?.into());
             }
         }
         for (id, seats) in &changed {
@@ -447,30 +430,22 @@ async fn bare_writes(store: &ReadStore, log: &[PublishedEvent]) -> anyhow::Resul
                     format!("seats.{label}"),
                     mongodb::bson::to_bson(&block.seats[label])?,
                 );
-            }
-            let mut holds = Document::new();
-            for label in seats.keys() {
                 if let Some(expires_at) = block.holds.get(label) {
-                    holds.insert(format!("holds.{label}"), expires_at.clone());
+                    set.insert(format!("holds.{label}"), expires_at.clone());
                 }
             }
-            let tally = doc! { "$set": holds, "$inc": {
+            let update = doc! { "$set": set, "$inc": {
             "counts.available": block.counts.available - before.available,
             "counts.held": block.counts.held - before.held,
             "counts.booked": block.counts.booked - before.booked } };
-            for (namespace, update) in [
-                (blocks.namespace(), doc! { "$set": set }),
-                (tallies.namespace(), tally),
-            ] {
-                writes.push(
-                    mongodb::options::UpdateOneModel::builder()
-                        .namespace(namespace)
-                        .filter(doc! { "_id": id })
-                        .update(update)
-                        .build()
-                        .into(),
-                );
-            }
+            writes.push(
+                mongodb::options::UpdateOneModel::builder()
+                    .namespace(blocks.namespace())
+                    .filter(doc! { "_id": id })
+                    .update(update)
+                    .build()
+                    .into(),
+            );
         }
         let booking_docs = store.bookings(1);
         for id in &bookings {

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use domain::read_model::{
     self, BlockDoc, BookingDoc, Counts, Models, SeatChange, SeatDoc, ShowDoc, Target, BLOCKS,
-    BOOKINGS, SHOWS, TALLIES,
+    BOOKINGS, SHOWS,
 };
 use domain::PublishedEvent;
 use mongodb::bson::{doc, DateTime, Document};
@@ -169,12 +169,6 @@ impl ReadStore {
             .collection(&read_model::collection_name(generation, BLOCKS))
     }
 
-    /// The blocks' tallies of `generation` (read as blocks without seats).
-    pub fn tallies(&self, generation: u32) -> Collection<BlockDoc> {
-        self.database
-            .collection(&read_model::collection_name(generation, TALLIES))
-    }
-
     /// The booking documents of `generation`.
     pub fn bookings(&self, generation: u32) -> Collection<BookingDoc> {
         self.database
@@ -215,15 +209,6 @@ impl ReadStore {
             )
             .build();
         self.blocks(generation).create_index(by_show).await?;
-        let by_show = IndexModel::builder()
-            .keys(doc! { "show_id": 1, "section": 1, "block": 1 })
-            .options(
-                IndexOptions::builder()
-                    .name("by_show_section".to_owned())
-                    .build(),
-            )
-            .build();
-        self.tallies(generation).create_index(by_show).await?;
         // What the caches hold may be gone (a wiped or restored database):
         // they are filled again from what MongoDB holds.
         if let Ok(mut shows) = self.shows.lock() {
@@ -273,7 +258,6 @@ impl ReadStore {
     pub async fn drop_generation(&self, generation: u32) -> Result<(), StoreError> {
         self.shows(generation).drop().await?;
         self.blocks(generation).drop().await?;
-        self.tallies(generation).drop().await?;
         self.bookings(generation).drop().await?;
         self.parked(generation).drop().await?;
         if let Ok(mut shows) = self.shows.lock() {
@@ -609,12 +593,19 @@ impl ReadStore {
         Ok(Loaded { models })
     }
 
-    /// Writes what the fold changed, in one transaction: new shows with
-    /// their blocks and tallies, each changed block's seats and tally as
-    /// targeted updates conditional on the seats' sequences as loaded,
-    /// changed bookings conditional on their versions. `None` when another
-    /// writer changed something first: the transaction is abandoned and
-    /// nothing of it is written.
+    /// Writes what the fold changed: each created block whole, each
+    /// changed block's seats, holds and counts as one targeted update
+    /// conditional on those seats' sequences as loaded, changed bookings
+    /// conditional on their versions, all in one unordered `bulkWrite`;
+    /// then new shows, after their blocks (a show is read only once its
+    /// blocks are there). `None` when another writer changed something
+    /// first: what did land is a prefix of the same history, which the
+    /// fresh load the batch is retried from sees.
+    ///
+    /// No multi-document transaction: every write is one document, whole
+    /// by itself, so a writer killed half-way leaves nothing open on the
+    /// server (SecantusDB froze when a collection was dropped under the
+    /// open transaction of a killed replay).
     async fn write(
         &self,
         generation: u32,
@@ -623,27 +614,30 @@ impl ReadStore {
         changed_seats: &BTreeMap<String, BTreeMap<String, SeatChange>>,
     ) -> Result<Option<usize>, StoreError> {
         let blocks = self.blocks(generation);
-        let tallies = self.tallies(generation);
         let bookings = self.bookings(generation);
         let mut writes: Vec<mongodb::options::WriteModel> = Vec::new();
+        let mut new_shows: Vec<mongodb::options::WriteModel> = Vec::new();
         let (mut matched, mut inserted, mut upserts) = (0_i64, 0_i64, 0_i64);
         for (id, show) in &models.shows {
             let Some(show) = show else { continue };
             if loaded.models.shows.get(id).is_some_and(Option::is_some) {
                 continue;
             }
-            inserted += 1;
-            writes.push(self.shows(generation).insert_one_model(show)?.into());
+            new_shows.push(self.shows(generation).insert_one_model(show)?.into());
         }
         let mut created = Vec::new();
         for (id, block) in &models.blocks {
             let Some(block) = block else { continue };
             if !loaded.models.blocks.get(id).is_some_and(Option::is_some) {
-                // Created with its show in this batch: written whole.
-                let (seats, tally) = split(block)?;
-                upserts += 2;
-                writes.push(replace_model(&blocks, id, seats));
-                writes.push(replace_model(&tallies, id, tally));
+                // Created with its show in this batch: written whole, over
+                // what an attempt that did not get as far as the show left
+                // (no seat event applies to a show not yet written).
+                upserts += 1;
+                writes.push(replace_model(
+                    &blocks,
+                    id,
+                    mongodb::bson::to_document(block).map_err(mongodb::error::Error::from)?,
+                ));
                 created.push(id.clone());
                 continue;
             }
@@ -651,24 +645,22 @@ impl ReadStore {
                 continue;
             };
             let mut filter = doc! { "_id": id };
-            let mut seats = Document::new();
-            let (mut holds, mut unheld, mut inc) =
-                (Document::new(), Document::new(), Document::new());
+            let (mut set, mut unset, mut inc) = (Document::new(), Document::new(), Document::new());
             for (label, change) in changes {
                 filter.insert(format!("seats.{label}.q"), change.before.sequence);
                 let Some(after) = block.seats.get(label) else {
                     continue;
                 };
-                seats.insert(
+                set.insert(
                     format!("seats.{label}"),
                     mongodb::bson::to_bson(after).map_err(mongodb::error::Error::from)?,
                 );
                 match block.holds.get(label) {
                     Some(expires_at) => {
-                        holds.insert(format!("holds.{label}"), expires_at.clone());
+                        set.insert(format!("holds.{label}"), expires_at.clone());
                     }
                     None => {
-                        unheld.insert(format!("holds.{label}"), "");
+                        unset.insert(format!("holds.{label}"), "");
                     }
                 }
             }
@@ -682,22 +674,15 @@ impl ReadStore {
                     inc.insert(field, n);
                 }
             }
-            matched += 1;
-            writes.push(update_model(&blocks, filter, doc! { "$set": seats }));
-            let mut tally = Document::new();
-            if !holds.is_empty() {
-                tally.insert("$set", holds);
-            }
-            if !unheld.is_empty() {
-                tally.insert("$unset", unheld);
+            let mut update = doc! { "$set": set };
+            if !unset.is_empty() {
+                update.insert("$unset", unset);
             }
             if !inc.is_empty() {
-                tally.insert("$inc", inc);
+                update.insert("$inc", inc);
             }
-            if !tally.is_empty() {
-                matched += 1;
-                writes.push(update_model(&tallies, doc! { "_id": id }, tally));
-            }
+            matched += 1;
+            writes.push(update_model(&blocks, filter, update));
         }
         for (id, booking) in &models.bookings {
             let Some(booking) = booking else { continue };
@@ -722,23 +707,9 @@ impl ReadStore {
                 }
             }
         }
-        if writes.is_empty() {
-            return Ok(Some(0));
-        }
-        let count = writes.len();
-        // In a task of its own, which ends the transaction either way: a
-        // caller dropped half-way (a stop, a lost lease) would otherwise
-        // leave it open on the server, its documents locked until reaped.
-        let client = self.client.clone();
-        let transaction = tokio::spawn(async move {
-            let mut session = client.start_session().await?;
-            session.start_transaction().await?;
-            let result = client
-                .bulk_write(writes)
-                .ordered(false)
-                .session(&mut session)
-                .await;
-            let landed = match result {
+        let count = writes.len() + new_shows.len();
+        if !writes.is_empty() {
+            let landed = match self.client.bulk_write(writes).ordered(false).await {
                 Ok(result) => {
                     result.matched_count + result.upserted_count == matched + upserts
                         && result.inserted_count == inserted
@@ -746,23 +717,23 @@ impl ReadStore {
                 // Another writer inserted the same document first.
                 Err(error) if is_duplicate_id(&error) => false,
                 Err(error) => {
-                    let _ = session.abort_transaction().await;
-                    return Err(error);
+                    self.forget_seats(generation, changed_seats.keys());
+                    return Err(error.into());
                 }
             };
-            if landed {
-                session.commit_transaction().await?;
-            } else {
-                let _ = session.abort_transaction().await;
+            if !landed {
+                self.forget_seats(generation, changed_seats.keys());
+                return Ok(None);
             }
-            Ok(landed)
-        });
-        let landed = transaction
-            .await
-            .map_err(|failed| StoreError::Busy(format!("the write task failed: {failed}")))??;
-        if !landed {
-            self.forget_seats(generation, changed_seats.keys());
-            return Ok(None);
+        }
+        if !new_shows.is_empty() {
+            let shows = i64::try_from(new_shows.len()).unwrap_or(i64::MAX);
+            match self.client.bulk_write(new_shows).ordered(false).await {
+                Ok(result) if result.inserted_count == shows => {}
+                Ok(_) => return Ok(None),
+                Err(error) if is_duplicate_id(&error) => return Ok(None),
+                Err(error) => return Err(error.into()),
+            }
         }
         self.remember_seats(generation, models, changed_seats, &created);
         Ok(Some(count))
@@ -807,17 +778,6 @@ impl ReadStore {
             }
         }
     }
-}
-
-/// A block as stored: its seats for [`BLOCKS`], its counts and holds for
-/// [`TALLIES`].
-fn split(block: &BlockDoc) -> Result<(Document, Document), StoreError> {
-    let mut seats = mongodb::bson::to_document(block).map_err(mongodb::error::Error::from)?;
-    let mut tally = seats.clone();
-    seats.remove("counts");
-    seats.remove("holds");
-    tally.remove("seats");
-    Ok((seats, tally))
 }
 
 fn replace_model<T: Send + Sync>(

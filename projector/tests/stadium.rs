@@ -132,7 +132,8 @@ async fn a_20000_seat_show_equals_the_fold_of_its_log() -> anyhow::Result<()> {
 
 /// An answer's counts agree with its seats even when a block's tally and
 /// its seats disagree as read (a batch committed between the two reads):
-/// here the tallies of section S0 are made to say one seat more booked.
+/// here the counts of section S0's blocks are made to say one seat more
+/// booked than their seats.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answers_counts_agree_with_its_seats() -> anyhow::Result<()> {
     let writes = Writes::spawn(600).await?;
@@ -155,7 +156,7 @@ async fn an_answers_counts_agree_with_its_seats() -> anyhow::Result<()> {
     let generation = read.store.pointer().await?.current;
     let skewed = read
         .store
-        .tallies(generation)
+        .blocks(generation)
         .update_many(
             mongodb::bson::doc! { "show_id": &show, "section": 0_i64 },
             mongodb::bson::doc! { "$inc": { "counts.booked": 1_i64, "counts.available": -1_i64 } },

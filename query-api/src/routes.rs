@@ -2,7 +2,7 @@
 //! by `_id` or one indexed range of the current read-model generation; the
 //! only work done per request is reading a lapsed hold as available.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use axum::extract::{Path, Query, State};
@@ -399,25 +399,36 @@ pub async fn availability(
         ),
         None => None,
     };
-    // The whole show's counts from the tallies, and the seats of what is
-    // asked for from the blocks (with `?section=`, that section's), read at
-    // once.
-    let seats_filter = match only {
-        None => doc! { "show_id": &show.show_id },
-        Some(section) => doc! { "show_id": &show.show_id, "section": i64::from(section) },
+    // The seats of what is asked for, counted from those seats (so that
+    // an answer's counts and seats agree), and with `?section=` the other
+    // sections' counts from their blocks without the seats, read at once.
+    let show_filter = doc! { "show_id": &show.show_id };
+    let (seated, others) = match only {
+        None => (
+            blocks_where(&reads, generation, show_filter, true).await?,
+            Vec::new(),
+        ),
+        Some(section) => {
+            let section = i64::from(section);
+            tokio::try_join!(
+                blocks_where(
+                    &reads,
+                    generation,
+                    doc! { "show_id": &show.show_id, "section": section },
+                    true
+                ),
+                blocks_where(
+                    &reads,
+                    generation,
+                    doc! { "show_id": &show.show_id, "section": { "$ne": section } },
+                    false
+                ),
+            )?
+        }
     };
-    let (blocks, seated) = tokio::try_join!(
-        blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, false),
-        blocks_where(&reads, generation, seats_filter, true),
-    )?;
     let now = Utc::now();
-    // The two reads are not one snapshot: a batch committed between them
-    // would show a seat booked and still count it available. A block read
-    // with its seats is counted from them, the others from their tallies.
-    let seated_ids: BTreeSet<&str> = seated.iter().map(|b| b.block_id.as_str()).collect();
-    let counted: Vec<BlockDoc> = blocks
+    let counted: Vec<BlockDoc> = others
         .into_iter()
-        .filter(|tally| !seated_ids.contains(tally.block_id.as_str()))
         .chain(seated.iter().map(|block| BlockDoc {
             block_id: block.block_id.clone(),
             show_id: block.show_id.clone(),
@@ -595,21 +606,18 @@ async fn find_show(
     }
 }
 
-/// The blocks matching `filter` in section and block order: their seats,
-/// or (for counts alone) their tallies.
+/// The blocks matching `filter` in section and block order, with their
+/// seats or (for counts alone) without.
 async fn blocks_where(
     reads: &Reads,
     generation: u32,
     filter: Document,
     seats: bool,
 ) -> Result<Vec<BlockDoc>, QueryError> {
-    let collection = if seats {
-        reads.blocks(generation)
-    } else {
-        reads.tallies(generation)
-    };
+    let collection = reads.blocks(generation);
     let options = FindOptions::builder()
         .sort(doc! { "show_id": 1, "section": 1, "block": 1 })
+        .projection((!seats).then(|| doc! { "seats": 0 }))
         .build();
     reads
         .bounded(async {

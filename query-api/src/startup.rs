@@ -16,7 +16,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use domain::read_model::{
     self, BlockDoc, BookingDoc, ShowDoc, BLOCKS, BOOKINGS, GENERATIONS, GENERATION_POINTER, SHOWS,
-    TALLIES,
 };
 use domain::TokenKey;
 use mongodb::bson::{doc, Document};
@@ -132,12 +131,6 @@ impl Reads {
     pub fn blocks(&self, generation: u32) -> Collection<BlockDoc> {
         self.database
             .collection(&read_model::collection_name(generation, BLOCKS))
-    }
-
-    /// Blocks' tallies (counts and holds) of `generation`.
-    pub fn tallies(&self, generation: u32) -> Collection<BlockDoc> {
-        self.database
-            .collection(&read_model::collection_name(generation, TALLIES))
     }
 
     /// A show document of `generation`, `None` if there is none. Show

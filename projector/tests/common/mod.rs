@@ -267,40 +267,13 @@ impl ReadSide {
             .await?
             .try_collect()
             .await?;
-        let seats: Vec<BlockDoc> = self
+        let blocks: Vec<BlockDoc> = self
             .store
             .blocks(generation)
             .find(doc! {})
             .await?
             .try_collect()
             .await?;
-        let tallies: BTreeMap<String, BlockDoc> = self
-            .store
-            .tallies(generation)
-            .find(doc! {})
-            .await?
-            .try_collect::<Vec<BlockDoc>>()
-            .await?
-            .into_iter()
-            .map(|t| (t.block_id.clone(), t))
-            .collect();
-        // A block is stored as its seats and its tally: put back together.
-        let blocks: Vec<BlockDoc> = seats
-            .into_iter()
-            .map(|mut block| {
-                if let Some(tally) = tallies.get(&block.block_id) {
-                    block.counts = tally.counts;
-                    block.holds.clone_from(&tally.holds);
-                }
-                block
-            })
-            .collect();
-        ensure!(
-            blocks.len() == tallies.len(),
-            "{} blocks and {} tallies",
-            blocks.len(),
-            tallies.len()
-        );
         let bookings: Vec<BookingDoc> = self
             .store
             .bookings(generation)
