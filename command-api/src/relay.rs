@@ -80,9 +80,9 @@ pub struct RelaySettings {
     #[arg(long, env = "RELAY_STANDBY_POLL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_standby_poll_ms: u64,
-    /// How long Kafka may take to acknowledge a batch before the relay
-    /// starts over from its checkpoint, in ms (each batch in flight gets
-    /// this much on top of those queued ahead of it).
+    /// How long Kafka may take to acknowledge a message (counted from when
+    /// it is queued) before the relay starts over from its checkpoint, in
+    /// ms.
     #[arg(long, env = "RELAY_ACK_TIMEOUT_MS", default_value_t = 15_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_ack_timeout_ms: u64,
@@ -306,12 +306,14 @@ impl Relay {
         // A new producer for every term: after a failure an idempotent
         // producer may be fenced for good (a broker that restarted without
         // its producer state answers with a fatal sequence error).
-        // librdkafka times a message from when it is queued: a batch behind
-        // a full window waits for the ones ahead of it first, and a slow
-        // broker must not time the tail out on every attempt.
-        let per_batch = Duration::from_millis(self.settings.relay_ack_timeout_ms.max(1));
-        let window = u32::try_from(self.settings.relay_in_flight.max(1)).unwrap_or(1);
-        let producer = producer(&self.settings.kafka_brokers, per_batch * window)?;
+        // librdkafka times a message from when it is queued, so a slow
+        // broker may time out the tail of a full window; what was
+        // acknowledged ahead of it is saved, and the next term goes on
+        // from there.
+        let producer = producer(
+            &self.settings.kafka_brokers,
+            Duration::from_millis(self.settings.relay_ack_timeout_ms),
+        )?;
         let topic = &self.settings.relay_topic;
         let mut stored = checkpoint(&mut conn, topic).await?;
         self.status.update(|report| {
