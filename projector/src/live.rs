@@ -158,6 +158,9 @@ pub struct Projection {
     generations: Generations,
     status: Status,
     holder: String,
+    /// No switch is tried before this: after one that failed, the current
+    /// generation is projected meanwhile rather than left frozen.
+    switch_after: Arc<Mutex<Instant>>,
 }
 
 const IDLE: Duration = Duration::from_millis(500);
@@ -167,6 +170,9 @@ const POINTER_EVERY: Duration = Duration::from_millis(100);
 /// Longest a switch spends bringing the rebuilt generation up to the
 /// current one before it gives up this attempt.
 const SWITCH_CATCH_UP: Duration = Duration::from_secs(60);
+/// How long the current generation is projected after a switch that did
+/// not happen, before the next try.
+const SWITCH_BACKOFF: Duration = Duration::from_secs(10);
 
 impl Projection {
     /// A projection with these settings into `store`.
@@ -186,7 +192,22 @@ impl Projection {
             store,
             status: Status::default(),
             holder,
+            switch_after: Arc::new(Mutex::new(Instant::now())),
         }
+    }
+
+    /// Puts the next switch off by [`SWITCH_BACKOFF`].
+    fn put_switch_off(&self) {
+        if let Ok(mut after) = self.switch_after.lock() {
+            *after = Instant::now() + SWITCH_BACKOFF;
+        }
+    }
+
+    /// Whether a switch may be tried now.
+    fn may_switch(&self) -> bool {
+        self.switch_after
+            .lock()
+            .map_or(true, |after| Instant::now() >= *after)
     }
 
     /// Its progress.
@@ -303,13 +324,13 @@ impl Projection {
                             r.last_error =
                                 Some(format!("the switch to generation {to} did not happen"));
                         });
-                        pause(lost, Duration::from_secs(1)).await;
+                        self.put_switch_off();
                     }
                     Err(error) => {
                         tracing::warn!("switching to generation {to} failed; retrying: {error:#}");
                         self.status
                             .update(|r| r.last_error = Some(format!("{error:#}")));
-                        pause(lost, Duration::from_secs(1)).await;
+                        self.put_switch_off();
                     }
                 },
                 Ended::Fenced => return Ok(()),
@@ -450,7 +471,9 @@ impl Projection {
                 match self.generations.pointer().await {
                     Ok(pointer) if pointer.current != generation => return Ok(Ended::Restart),
                     Ok(pointer) => {
-                        if let Some(building) = pointer.building.filter(|b| b.ready) {
+                        if let Some(building) =
+                            pointer.building.filter(|b| b.ready && self.may_switch())
+                        {
                             // The batch is not applied; it is read again
                             // after the switch, from the saved offsets.
                             return Ok(Ended::Ready(building.generation));
@@ -679,6 +702,13 @@ impl Closing {
     }
 }
 
+impl Clone for Closing {
+    /// Another handle, closed on a thread of its own too, whichever is last.
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
 impl std::ops::Deref for Closing {
     type Target = Arc<StreamConsumer>;
 
@@ -722,7 +752,7 @@ impl Feed {
         );
         loop {
             let found = {
-                let consumer = Arc::clone(&consumer);
+                let consumer = consumer.clone();
                 let topic = settings.topic.clone();
                 let known = next.clone();
                 tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {

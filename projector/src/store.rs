@@ -599,8 +599,8 @@ impl ReadStore {
     /// conditional on their versions, all in one unordered `bulkWrite`;
     /// then new shows, after their blocks (a show is read only once its
     /// blocks are there). `None` when another writer changed something
-    /// first: what did land is a prefix of the same history, which the
-    /// fresh load the batch is retried from sees.
+    /// first: the batch is applied again from a fresh load, which skips what
+    /// did land (its seats' sequences say so).
     ///
     /// No multi-document transaction: every write is one document, whole
     /// by itself, so a writer killed half-way leaves nothing open on the
@@ -631,13 +631,23 @@ impl ReadStore {
             if !loaded.models.blocks.get(id).is_some_and(Option::is_some) {
                 // Created with its show in this batch: written whole, over
                 // what an attempt that did not get as far as the show left
-                // (no seat event applies to a show not yet written).
+                // (no seat event applies to a show not yet written), never
+                // over a block whose seats another writer has since changed
+                // (`touched`: the upsert then meets the `_id` and is a
+                // duplicate, and the batch is loaded again).
                 upserts += 1;
-                writes.push(replace_model(
-                    &blocks,
-                    id,
-                    mongodb::bson::to_document(block).map_err(mongodb::error::Error::from)?,
-                ));
+                writes.push(
+                    mongodb::options::ReplaceOneModel::builder()
+                        .namespace(blocks.namespace())
+                        .filter(doc! { "_id": id, "touched": { "$ne": true } })
+                        .replacement(
+                            mongodb::bson::to_document(block)
+                                .map_err(mongodb::error::Error::from)?,
+                        )
+                        .upsert(true)
+                        .build()
+                        .into(),
+                );
                 created.push(id.clone());
                 continue;
             }
@@ -646,6 +656,7 @@ impl ReadStore {
             };
             let mut filter = doc! { "_id": id };
             let (mut set, mut unset, mut inc) = (Document::new(), Document::new(), Document::new());
+            set.insert("touched", true);
             for (label, change) in changes {
                 filter.insert(format!("seats.{label}.q"), change.before.sequence);
                 let Some(after) = block.seats.get(label) else {
@@ -728,11 +739,22 @@ impl ReadStore {
         }
         if !new_shows.is_empty() {
             let shows = i64::try_from(new_shows.len()).unwrap_or(i64::MAX);
+            // The blocks' writes landed: whatever happens to the shows,
+            // the seats as cached are those of before them.
             match self.client.bulk_write(new_shows).ordered(false).await {
                 Ok(result) if result.inserted_count == shows => {}
-                Ok(_) => return Ok(None),
-                Err(error) if is_duplicate_id(&error) => return Ok(None),
-                Err(error) => return Err(error.into()),
+                Ok(_) => {
+                    self.forget_seats(generation, changed_seats.keys());
+                    return Ok(None);
+                }
+                Err(error) if is_duplicate_id(&error) => {
+                    self.forget_seats(generation, changed_seats.keys());
+                    return Ok(None);
+                }
+                Err(error) => {
+                    self.forget_seats(generation, changed_seats.keys());
+                    return Err(error.into());
+                }
             }
         }
         self.remember_seats(generation, models, changed_seats, &created);
@@ -778,20 +800,6 @@ impl ReadStore {
             }
         }
     }
-}
-
-fn replace_model<T: Send + Sync>(
-    collection: &Collection<T>,
-    id: &str,
-    replacement: Document,
-) -> mongodb::options::WriteModel {
-    mongodb::options::ReplaceOneModel::builder()
-        .namespace(collection.namespace())
-        .filter(doc! { "_id": id })
-        .replacement(replacement)
-        .upsert(true)
-        .build()
-        .into()
 }
 
 fn update_model<T: Send + Sync>(
