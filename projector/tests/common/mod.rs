@@ -243,9 +243,7 @@ impl ReadSide {
             mongodb_database: self.database.clone(),
             addr: "127.0.0.1:0".parse()?,
             startup_timeout_secs: 5,
-            // Tests share one SecantusDB, which holds its global lock for
-            // seconds while it drops another test's large database.
-            mongodb_timeout_ms: 10_000,
+            mongodb_timeout_ms: 2000,
             consistency_wait_ms: 5000,
             consistency_max_waiters: 10_000,
             consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
