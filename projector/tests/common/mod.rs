@@ -238,12 +238,21 @@ impl ReadSide {
 
     /// query-api over this database, in this process.
     pub async fn serve(&self) -> anyhow::Result<(String, Service)> {
+        self.serve_waiting(2000).await
+    }
+
+    /// query-api over this database, each MongoDB operation allowed
+    /// `mongodb_timeout_ms`.
+    pub async fn serve_waiting(
+        &self,
+        mongodb_timeout_ms: u64,
+    ) -> anyhow::Result<(String, Service)> {
         let settings = query_api::startup::Settings {
             mongodb_uri: self.uri.clone(),
             mongodb_database: self.database.clone(),
             addr: "127.0.0.1:0".parse()?,
             startup_timeout_secs: 5,
-            mongodb_timeout_ms: 2000,
+            mongodb_timeout_ms,
             consistency_wait_ms: 5000,
             consistency_max_waiters: 10_000,
             consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
