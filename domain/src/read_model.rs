@@ -39,6 +39,10 @@ use crate::{AnyEvent, BookingState, PublishedEvent, Timestamp};
 pub const SHOWS: &str = "shows";
 /// Collection of the block documents: a block's seats, counts and holds.
 pub const BLOCKS: &str = "blocks";
+/// Collection of the tallies: each block's counts and holds without its
+/// seats, so that the counts of the sections not asked for are read
+/// without reading their seats.
+pub const TALLIES: &str = "tallies";
 /// Collection of the booking documents.
 pub const BOOKINGS: &str = "bookings";
 /// Collection (not generation-specific) naming the generation the query
@@ -207,13 +211,19 @@ pub struct BlockDoc {
     /// Seats per state, as recorded.
     #[serde(default)]
     pub counts: Counts,
-    /// The seats, by label.
-    #[serde(default)]
+    /// The seats, by label (none in a tally).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub seats: BTreeMap<String, SeatDoc>,
     /// When each held seat's hold lapses, so that counts can be read at a
     /// time without the seats.
     #[serde(default)]
     pub holds: BTreeMap<String, String>,
+    /// How many writes have changed its seats since it was created. Its
+    /// tally carries the number of the write it copies, so that a tally
+    /// left behind (a writer stopped between the two documents) is told
+    /// from a current one, and is never written over by an older copy.
+    #[serde(rename = "w", default)]
+    pub writes: i64,
 }
 
 /// The `_id` of a block.
@@ -303,6 +313,7 @@ impl ShowDoc {
                     counts: Counts::default(),
                     seats: BTreeMap::new(),
                     holds: BTreeMap::new(),
+                    writes: 0,
                 };
                 for label in seats.by_ref().take(BLOCK_SEATS as usize) {
                     doc.seats.insert(label, SeatDoc::available());
@@ -349,6 +360,17 @@ impl ShowDoc {
             .iter()
             .position(|s| s.name == name)
             .and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// How many block documents its sections other than `except` have
+    /// (all of them for `None`).
+    pub fn blocks_outside(&self, except: Option<u32>) -> u64 {
+        self.sections
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| except.is_none_or(|except| except as usize != *index))
+            .map(|(_, section)| u64::from(section.blocks))
+            .sum()
     }
 
     /// Counts of the whole show and of each section at `now`, from its
@@ -485,6 +507,32 @@ impl BlockDoc {
             counts.add(seat.status_at(now), 1);
         }
         counts
+    }
+
+    /// Its tally: the counts and holds as recorded, counted from its seats
+    /// (which must be all of them), without the seats.
+    pub fn tally(&self) -> BlockDoc {
+        let mut counts = Counts {
+            total: i64::try_from(self.seats.len()).unwrap_or(i64::MAX),
+            ..Counts::default()
+        };
+        let mut holds = BTreeMap::new();
+        for (label, seat) in &self.seats {
+            counts.add(seat.status, 1);
+            if let (SeatStatus::Held, Some(expires_at)) = (seat.status, &seat.expires_at) {
+                holds.insert(label.clone(), expires_at.clone());
+            }
+        }
+        BlockDoc {
+            block_id: self.block_id.clone(),
+            show_id: self.show_id.clone(),
+            section: self.section,
+            block: self.block,
+            counts,
+            seats: BTreeMap::new(),
+            holds,
+            writes: self.writes,
+        }
     }
 
     /// Whether the seats of `labels` it holds have applied at least these

@@ -315,6 +315,23 @@ fn counts_and_statuses_follow_the_history() {
     assert!(statuses.contains(&BookingDocStatus::Cancelled));
 }
 
+/// A block's tally, counted from its seats alone, is the counts and holds
+/// the fold keeps by each seat's move, at every point of the history (a
+/// hold, its confirmation, its lapse, a cancellation).
+#[test]
+fn a_tally_counted_from_the_seats_agrees_with_the_fold() {
+    let log = history();
+    for end in 1..=log.len() {
+        let models = fold(&log[..end]);
+        for block in models.blocks.values().flatten() {
+            let tally = block.tally();
+            assert_eq!(tally.counts, block.counts, "after {end} events");
+            assert_eq!(tally.holds, block.holds, "after {end} events");
+            assert!(tally.seats.is_empty());
+        }
+    }
+}
+
 /// A stadium's seats are cut into blocks of at most `BLOCK_SEATS` seats,
 /// each seat in exactly one, in row order; a section's rows run on across
 /// block boundaries.

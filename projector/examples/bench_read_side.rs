@@ -459,6 +459,12 @@ async fn matches_log(
         .await?
         .try_collect()
         .await?;
+    let tallies: Vec<domain::read_model::BlockDoc> = store
+        .tallies(generation)
+        .find(doc! {})
+        .await?
+        .try_collect()
+        .await?;
     let bookings: Vec<domain::read_model::BookingDoc> = store
         .bookings(generation)
         .find(doc! {})
@@ -470,9 +476,19 @@ async fn matches_log(
             .into_iter()
             .all(|show| models.shows.get(&show.show_id) == Some(&Some(show)))
         && blocks.len() == models.blocks.len()
-        && blocks
-            .into_iter()
-            .all(|block| models.blocks.get(&block.block_id) == Some(&Some(block)));
+        && blocks.into_iter().all(|mut block| {
+            block.writes = 0;
+            models.blocks.get(&block.block_id) == Some(&Some(block))
+        })
+        && tallies.len() == models.blocks.len()
+        && tallies.into_iter().all(|mut tally| {
+            tally.writes = 0;
+            models
+                .blocks
+                .get(&tally.block_id)
+                .and_then(Option::as_ref)
+                .is_some_and(|block| block.tally() == tally)
+        });
     let bookings_match = bookings.len() == models.bookings.len()
         && bookings.into_iter().all(|mut booking| {
             booking.v = 0;

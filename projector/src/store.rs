@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use domain::read_model::{
     self, BlockDoc, BookingDoc, Counts, Models, SeatChange, SeatDoc, ShowDoc, Target, BLOCKS,
-    BOOKINGS, SHOWS,
+    BOOKINGS, SHOWS, TALLIES,
 };
 use domain::PublishedEvent;
 use mongodb::bson::{doc, DateTime, Document};
@@ -114,7 +114,15 @@ pub struct ReadStore {
 type ShowCache = HashMap<(u32, String), Arc<ShowDoc>>;
 
 /// The seats of blocks by generation and block id.
-type SeatCache = HashMap<(u32, String), BTreeMap<String, SeatDoc>>;
+type SeatCache = HashMap<(u32, String), CachedBlock>;
+
+/// What the writer knows of a block: all its seats, and the number of the
+/// last write that changed them (what its next write is conditional on).
+#[derive(Debug, Clone)]
+struct CachedBlock {
+    seats: BTreeMap<String, SeatDoc>,
+    writes: i64,
+}
 
 const MAX_ATTEMPTS: u32 = 8;
 
@@ -169,6 +177,12 @@ impl ReadStore {
             .collection(&read_model::collection_name(generation, BLOCKS))
     }
 
+    /// The tallies of `generation`: each block's counts and holds.
+    pub fn tallies(&self, generation: u32) -> Collection<BlockDoc> {
+        self.database
+            .collection(&read_model::collection_name(generation, TALLIES))
+    }
+
     /// The booking documents of `generation`.
     pub fn bookings(&self, generation: u32) -> Collection<BookingDoc> {
         self.database
@@ -208,7 +222,10 @@ impl ReadStore {
                     .build(),
             )
             .build();
-        self.blocks(generation).create_index(by_show).await?;
+        self.blocks(generation)
+            .create_index(by_show.clone())
+            .await?;
+        self.tallies(generation).create_index(by_show).await?;
         // What the caches hold may be gone (a wiped or restored database):
         // they are filled again from what MongoDB holds.
         if let Ok(mut shows) = self.shows.lock() {
@@ -220,9 +237,10 @@ impl ReadStore {
         Ok(())
     }
 
-    /// Whether `generation` was written by a release that kept every seat
-    /// of a show in the show's document: its shows are there, its blocks
-    /// are not. Such a generation is rebuilt by `projector replay`, never
+    /// Whether `generation` was written by an older release: one that kept
+    /// every seat of a show in the show's document (its shows are there,
+    /// its blocks are not), or one whose blocks have no write number and
+    /// no tallies. Such a generation is rebuilt by `projector replay`, never
     /// written on.
     ///
     /// # Errors
@@ -235,7 +253,17 @@ impl ReadStore {
             .filter(doc! { "name": &blocks })
             .await?;
         if !names.is_empty() {
-            return Ok(false);
+            // Any tally says this release; else any block with its write
+            // number (the first show's tallies not written yet).
+            if self.tallies(generation).find_one(doc! {}).await?.is_some() {
+                return Ok(false);
+            }
+            return Ok(self
+                .blocks(generation)
+                .clone_with_type::<Document>()
+                .find_one(doc! {})
+                .await?
+                .is_some_and(|block| !block.contains_key("w")));
         }
         Ok(self
             .shows(generation)
@@ -258,6 +286,7 @@ impl ReadStore {
     pub async fn drop_generation(&self, generation: u32) -> Result<(), StoreError> {
         self.shows(generation).drop().await?;
         self.blocks(generation).drop().await?;
+        self.tallies(generation).drop().await?;
         self.bookings(generation).drop().await?;
         self.parked(generation).drop().await?;
         if let Ok(mut shows) = self.shows.lock() {
@@ -537,20 +566,11 @@ impl ReadStore {
             Err(_) => wanted.keys().collect(),
         };
         if !missing.is_empty() {
-            let mut cursor = self
-                .blocks(generation)
-                .find(doc! { "_id": { "$in": missing } })
-                .await?;
-            while cursor.advance().await? {
-                let block: BlockDoc = cursor.deserialize_current()?;
-                if let Ok(mut cache) = self.seats.lock() {
-                    cache.insert((generation, block.block_id.clone()), block.seats);
-                }
-            }
+            self.load_blocks(generation, &missing).await?;
         }
         if let Ok(cache) = self.seats.lock() {
             for (id, labels) in &wanted {
-                let Some(block_seats) = cache.get(&(generation, id.clone())) else {
+                let Some(cached) = cache.get(&(generation, id.clone())) else {
                     models.blocks.insert(id.clone(), None);
                     continue;
                 };
@@ -567,9 +587,10 @@ impl ReadStore {
                     counts: Counts::default(),
                     seats: labels
                         .iter()
-                        .filter_map(|label| Some((label.clone(), block_seats.get(label)?.clone())))
+                        .filter_map(|label| Some((label.clone(), cached.seats.get(label)?.clone())))
                         .collect(),
                     holds: BTreeMap::new(),
+                    writes: cached.writes,
                 };
                 models.blocks.insert(id.clone(), Some(partial));
             }
@@ -593,9 +614,82 @@ impl ReadStore {
         Ok(Loaded { models })
     }
 
+    /// Reads the blocks `ids` whole into the cache, and puts right the
+    /// tally of any of them that does not copy it: one left behind, missing
+    /// or ahead because a writer stopped between the block and its tally
+    /// (they are written in one `bulkWrite`, not in a transaction). A block
+    /// is read whole after every start and every failed write, so that is
+    /// when such a tally is found.
+    ///
+    /// The tallies are read before the blocks: a writer getting in between
+    /// leaves a block newer than its tally as read, never older, and the
+    /// repair is conditional on the tally as read, so it never writes over
+    /// a newer one.
+    async fn load_blocks(&self, generation: u32, ids: &[&String]) -> Result<(), StoreError> {
+        let filter = doc! { "_id": { "$in": ids } };
+        let mut tallies = HashMap::new();
+        let mut cursor = self.tallies(generation).find(filter.clone()).await?;
+        while cursor.advance().await? {
+            let tally: BlockDoc = cursor.deserialize_current()?;
+            tallies.insert(tally.block_id.clone(), tally);
+        }
+        let mut repairs: Vec<mongodb::options::WriteModel> = Vec::new();
+        let mut cursor = self.blocks(generation).find(filter).await?;
+        while cursor.advance().await? {
+            let block: BlockDoc = cursor.deserialize_current()?;
+            let tally = block.tally();
+            let replacement =
+                mongodb::bson::to_document(&tally).map_err(mongodb::error::Error::from)?;
+            match tallies.get(&block.block_id) {
+                Some(found) if *found == tally => {}
+                Some(found) => repairs.push(
+                    mongodb::options::ReplaceOneModel::builder()
+                        .namespace(self.tallies(generation).namespace())
+                        .filter(doc! { "_id": &block.block_id, "w": found.writes })
+                        .replacement(replacement)
+                        .build()
+                        .into(),
+                ),
+                None => repairs.push(
+                    mongodb::options::InsertOneModel::builder()
+                        .namespace(self.tallies(generation).namespace())
+                        .document(replacement)
+                        .build()
+                        .into(),
+                ),
+            }
+            if let Ok(mut cache) = self.seats.lock() {
+                cache.insert(
+                    (generation, block.block_id.clone()),
+                    CachedBlock {
+                        seats: block.seats,
+                        writes: block.writes,
+                    },
+                );
+            }
+        }
+        if !repairs.is_empty() {
+            tracing::warn!(
+                generation,
+                tallies = repairs.len(),
+                "tallies that did not copy their blocks are written again"
+            );
+            match self.client.bulk_write(repairs).ordered(false).await {
+                // A repair that matched nothing, or a tally inserted
+                // meanwhile: another writer's, written after its block.
+                Ok(_) => {}
+                Err(error) if is_duplicate_id(&error) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes what the fold changed: each created block whole, each
     /// changed block's seats, holds and counts as one targeted update
-    /// conditional on those seats' sequences as loaded, changed bookings
+    /// conditional on its write number and those seats' sequences as
+    /// loaded, the tally of each block written after it (whole when
+    /// created, then its counts and changed holds), changed bookings
     /// conditional on their versions, all in one unordered `bulkWrite`;
     /// then new shows, after their blocks (a show is read only once its
     /// blocks are there). `None` when another writer changed something
@@ -614,6 +708,7 @@ impl ReadStore {
         changed_seats: &BTreeMap<String, BTreeMap<String, SeatChange>>,
     ) -> Result<Option<usize>, StoreError> {
         let blocks = self.blocks(generation);
+        let tallies = self.tallies(generation);
         let bookings = self.bookings(generation);
         let mut writes: Vec<mongodb::options::WriteModel> = Vec::new();
         let mut new_shows: Vec<mongodb::options::WriteModel> = Vec::new();
@@ -648,15 +743,27 @@ impl ReadStore {
                         .build()
                         .into(),
                 );
+                upserts += 1;
+                writes.push(tally_write(
+                    &tallies,
+                    &block.tally(),
+                    doc! { "$lte": 0_i64 },
+                )?);
                 created.push(id.clone());
                 continue;
             }
             let Some(changes) = changed_seats.get(id) else {
                 continue;
             };
-            let mut filter = doc! { "_id": id };
+            let Some(tally) = self.tally_after(generation, block) else {
+                // Not cached any more: another batch found it stale.
+                self.forget_seats(generation, changed_seats.keys());
+                return Ok(None);
+            };
+            let mut filter = doc! { "_id": id, "w": block.writes };
             let (mut set, mut unset, mut inc) = (Document::new(), Document::new(), Document::new());
             set.insert("touched", true);
+            inc.insert("w", 1_i64);
             for (label, change) in changes {
                 filter.insert(format!("seats.{label}.q"), change.before.sequence);
                 let Some(after) = block.seats.get(label) else {
@@ -685,15 +792,18 @@ impl ReadStore {
                     inc.insert(field, n);
                 }
             }
-            let mut update = doc! { "$set": set };
+            let mut update = doc! { "$set": set, "$inc": inc };
             if !unset.is_empty() {
                 update.insert("$unset", unset);
             }
-            if !inc.is_empty() {
-                update.insert("$inc", inc);
-            }
             matched += 1;
             writes.push(update_model(&blocks, filter, update));
+            // Whole, and only over an older one: a tally at this number
+            // already is another writer's whose block write failed, and
+            // this write then does not land, so the batch is loaded again
+            // and the tally put right from the block.
+            upserts += 1;
+            writes.push(tally_write(&tallies, &tally, doc! { "$lt": tally.writes })?);
         }
         for (id, booking) in &models.bookings {
             let Some(booking) = booking else { continue };
@@ -761,6 +871,23 @@ impl ReadStore {
         Ok(Some(count))
     }
 
+    /// The tally of `block` (as folded from the seats it changes) once
+    /// written: counted from all its seats, those cached overlaid with the
+    /// changed ones, with the number of that write.
+    fn tally_after(&self, generation: u32, block: &BlockDoc) -> Option<BlockDoc> {
+        let cache = self.seats.lock().ok()?;
+        let cached = cache.get(&(generation, block.block_id.clone()))?;
+        let mut whole = BlockDoc {
+            seats: cached.seats.clone(),
+            writes: block.writes + 1,
+            ..block.clone()
+        };
+        for (label, seat) in &block.seats {
+            whole.seats.insert(label.clone(), seat.clone());
+        }
+        Some(whole.tally())
+    }
+
     /// Drops cached seats found stale.
     fn forget_seats<'a>(&self, generation: u32, blocks: impl Iterator<Item = &'a String>) {
         if let Ok(mut cache) = self.seats.lock() {
@@ -783,10 +910,20 @@ impl ReadStore {
         };
         for id in created {
             if let Some(Some(block)) = models.blocks.get(id) {
-                cache.insert((generation, id.clone()), block.seats.clone());
+                cache.insert(
+                    (generation, id.clone()),
+                    CachedBlock {
+                        seats: block.seats.clone(),
+                        writes: block.writes,
+                    },
+                );
             }
         }
         for (id, changes) in changed_seats {
+            // Written whole at its creation, changes included.
+            if created.contains(id) {
+                continue;
+            }
             let (Some(Some(block)), Some(cached)) = (
                 models.blocks.get(id),
                 cache.get_mut(&(generation, id.clone())),
@@ -795,11 +932,28 @@ impl ReadStore {
             };
             for label in changes.keys() {
                 if let Some(after) = block.seats.get(label) {
-                    cached.insert(label.clone(), after.clone());
+                    cached.seats.insert(label.clone(), after.clone());
                 }
             }
+            cached.writes = block.writes + 1;
         }
     }
+}
+
+/// `tally` written whole (inserted if there is none) where the write
+/// number of the one there matches `older`.
+fn tally_write(
+    tallies: &Collection<BlockDoc>,
+    tally: &BlockDoc,
+    older: Document,
+) -> Result<mongodb::options::WriteModel, StoreError> {
+    Ok(mongodb::options::ReplaceOneModel::builder()
+        .namespace(tallies.namespace())
+        .filter(doc! { "_id": &tally.block_id, "w": older })
+        .replacement(mongodb::bson::to_document(tally).map_err(mongodb::error::Error::from)?)
+        .upsert(true)
+        .build()
+        .into())
 }
 
 fn update_model<T: Send + Sync>(

@@ -2,7 +2,7 @@
 //! by `_id` or one indexed range of the current read-model generation; the
 //! only work done per request is reading a lapsed hold as available.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use axum::extract::{Path, Query, State};
@@ -14,6 +14,7 @@ use domain::{BookingId, ConsistencyToken, SeatStatus, ShowId, UserId, CONSISTENC
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use mongodb::options::FindOptions;
+use mongodb::Collection;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -298,11 +299,13 @@ pub async fn list_shows(
         )
     });
     let ids: Vec<&String> = shows.iter().map(|show| &show.show_id).collect();
-    let blocks = blocks_where(
+    let expected = shows.iter().map(|show| show.blocks_outside(None)).sum();
+    let blocks = tallies_where(
         &reads,
         generation,
         doc! { "show_id": { "$in": ids } },
-        false,
+        expected,
+        &BTreeSet::new(),
     )
     .await?;
     let now = Utc::now();
@@ -343,8 +346,15 @@ pub async fn show(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
-    let (generation, show) = find_show(&reads, &id, &headers).await?;
-    let blocks = blocks_where(&reads, generation, doc! { "show_id": &show.show_id }, false).await?;
+    let (generation, show, waited) = find_show(&reads, &id, &headers).await?;
+    let blocks = tallies_where(
+        &reads,
+        generation,
+        doc! { "show_id": &show.show_id },
+        show.blocks_outside(None),
+        &waited,
+    )
+    .await?;
     let now = Utc::now();
     let (counts, sections) = show.counts_at(&blocks, now);
     let view = ShowView {
@@ -391,7 +401,7 @@ pub async fn availability(
     Query(filter): Query<SectionFilter>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
-    let (generation, show) = find_show(&reads, &id, &headers).await?;
+    let (generation, show, waited) = find_show(&reads, &id, &headers).await?;
     let only = match &filter.section {
         Some(name) => Some(
             show.section_index(name)
@@ -401,27 +411,28 @@ pub async fn availability(
     };
     // The seats of what is asked for, counted from those seats (so that
     // an answer's counts and seats agree), and with `?section=` the other
-    // sections' counts from their blocks without the seats, read at once.
+    // sections' counts from their tallies, read at once.
     let show_filter = doc! { "show_id": &show.show_id };
     let (seated, others) = match only {
         None => (
-            blocks_where(&reads, generation, show_filter, true).await?,
+            blocks_where(&reads, reads.blocks(generation), show_filter, true).await?,
             Vec::new(),
         ),
         Some(section) => {
-            let section = i64::from(section);
+            let index = i64::from(section);
             tokio::try_join!(
                 blocks_where(
                     &reads,
-                    generation,
-                    doc! { "show_id": &show.show_id, "section": section },
+                    reads.blocks(generation),
+                    doc! { "show_id": &show.show_id, "section": index },
                     true
                 ),
-                blocks_where(
+                tallies_where(
                     &reads,
                     generation,
-                    doc! { "show_id": &show.show_id, "section": { "$ne": section } },
-                    false
+                    doc! { "show_id": &show.show_id, "section": { "$ne": index } },
+                    show.blocks_outside(Some(section)),
+                    &waited,
                 ),
             )?
         }
@@ -437,6 +448,7 @@ pub async fn availability(
             counts: block.seat_counts_at(now),
             seats: BTreeMap::new(),
             holds: BTreeMap::new(),
+            writes: block.writes,
         }))
         .collect();
     let (counts, section_counts) = show.counts_at(&counted, now);
@@ -585,36 +597,83 @@ fn view_of(booking: &BookingDoc) -> BookingView {
 }
 
 /// The show document and the generation it was read from, waiting for a
-/// consistency token first.
+/// consistency token first; with the blocks holding the token's seats.
 async fn find_show(
     reads: &Reads,
     id: &str,
     headers: &HeaderMap,
-) -> Result<(u32, std::sync::Arc<ShowDoc>), QueryError> {
+) -> Result<(u32, std::sync::Arc<ShowDoc>, BTreeSet<String>), QueryError> {
     let show_id: ShowId = id.parse().map_err(|_| QueryError::NotFound("show"))?;
+    let mut waited_for = None;
     if let Some(token) = token(reads, headers)? {
         if token.show_id == show_id {
             wait_for_show(reads, &token).await?;
+            waited_for = Some(token);
         }
     }
     let mut generation = reads.generation()?;
     loop {
         match reads.show_in(generation, &show_id.to_string()).await? {
-            Some(show) => return Ok((generation, show)),
+            Some(show) => {
+                let waited = waited_for
+                    .iter()
+                    .flat_map(|token| token.seats.keys())
+                    .filter_map(|label| show.block_id_of(label))
+                    .collect();
+                return Ok((generation, show, waited));
+            }
             None => generation = reads.after_miss(generation, SHOWS, "show").await?,
         }
     }
 }
 
-/// The blocks matching `filter` in section and block order, with their
-/// seats or (for counts alone) without.
-async fn blocks_where(
+/// The counts of the blocks matching `filter` (`expected` of them), each
+/// from its tally, or from the block itself where the tally may be behind:
+/// the blocks in `waited` (a consistency token waited for their seats, and
+/// a tally is written beside its block, not with it), and every block when
+/// a tally is missing (a writer stopped between the two).
+async fn tallies_where(
     reads: &Reads,
     generation: u32,
     filter: Document,
+    expected: u64,
+    waited: &BTreeSet<String>,
+) -> Result<Vec<BlockDoc>, QueryError> {
+    let mut tallies = blocks_where(reads, reads.tallies(generation), filter.clone(), false).await?;
+    if tallies.len() as u64 != expected {
+        return blocks_where(reads, reads.blocks(generation), filter, false).await;
+    }
+    let fresh: Vec<&String> = tallies
+        .iter()
+        .map(|tally| &tally.block_id)
+        .filter(|id| waited.contains(*id))
+        .collect();
+    if fresh.is_empty() {
+        return Ok(tallies);
+    }
+    let blocks = blocks_where(
+        reads,
+        reads.blocks(generation),
+        doc! { "_id": { "$in": fresh } },
+        false,
+    )
+    .await?;
+    for block in blocks {
+        if let Some(tally) = tallies.iter_mut().find(|t| t.block_id == block.block_id) {
+            *tally = block;
+        }
+    }
+    Ok(tallies)
+}
+
+/// The blocks (or tallies) of `collection` matching `filter` in section
+/// and block order, with their seats or (for counts alone) without.
+async fn blocks_where(
+    reads: &Reads,
+    collection: Collection<BlockDoc>,
+    filter: Document,
     seats: bool,
 ) -> Result<Vec<BlockDoc>, QueryError> {
-    let collection = reads.blocks(generation);
     let options = FindOptions::builder()
         .sort(doc! { "show_id": 1, "section": 1, "block": 1 })
         .projection((!seats).then(|| doc! { "seats": 0 }))

@@ -16,6 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use domain::read_model::{
     self, BlockDoc, BookingDoc, ShowDoc, BLOCKS, BOOKINGS, GENERATIONS, GENERATION_POINTER, SHOWS,
+    TALLIES,
 };
 use domain::TokenKey;
 use mongodb::bson::{doc, Document};
@@ -131,6 +132,12 @@ impl Reads {
     pub fn blocks(&self, generation: u32) -> Collection<BlockDoc> {
         self.database
             .collection(&read_model::collection_name(generation, BLOCKS))
+    }
+
+    /// The tallies of `generation`: each block's counts without its seats.
+    pub fn tallies(&self, generation: u32) -> Collection<BlockDoc> {
+        self.database
+            .collection(&read_model::collection_name(generation, TALLIES))
     }
 
     /// A show document of `generation`, `None` if there is none. Show

@@ -265,8 +265,8 @@ impl ReadSide {
         Ok((base, Service { stop, task }))
     }
 
-    /// Every document of the current generation, `v` left out (it counts
-    /// writes, not content).
+    /// Every document of the current generation, `v` and `w` left out
+    /// (they count writes, not content).
     pub async fn snapshot(&self) -> anyhow::Result<Documents> {
         let generation = self.store.pointer().await?.current;
         let shows: Vec<ShowDoc> = self
@@ -283,6 +283,13 @@ impl ReadSide {
             .await?
             .try_collect()
             .await?;
+        let tallies: Vec<BlockDoc> = self
+            .store
+            .tallies(generation)
+            .find(doc! {})
+            .await?
+            .try_collect()
+            .await?;
         let bookings: Vec<BookingDoc> = self
             .store
             .bookings(generation)
@@ -290,12 +297,19 @@ impl ReadSide {
             .await?
             .try_collect()
             .await?;
+        let by_id = |blocks: Vec<BlockDoc>| {
+            blocks
+                .into_iter()
+                .map(|mut b| {
+                    b.writes = 0;
+                    (b.block_id.clone(), b)
+                })
+                .collect()
+        };
         Ok(Documents {
             shows: shows.into_iter().map(|s| (s.show_id.clone(), s)).collect(),
-            blocks: blocks
-                .into_iter()
-                .map(|b| (b.block_id.clone(), b))
-                .collect(),
+            blocks: by_id(blocks),
+            tallies: by_id(tallies),
             bookings: bookings
                 .into_iter()
                 .map(|mut b| {
@@ -317,11 +331,14 @@ impl ReadSide {
 pub struct Documents {
     pub shows: BTreeMap<String, ShowDoc>,
     pub blocks: BTreeMap<String, BlockDoc>,
+    /// Each block's counts and holds, as the query side reads them for
+    /// the sections not asked for.
+    pub tallies: BTreeMap<String, BlockDoc>,
     pub bookings: BTreeMap<String, BookingDoc>,
 }
 
 /// What the read models must hold after `events`: the domain's fold, in
-/// memory, `v` zero.
+/// memory, `v` and `w` zero, and each block's tally.
 pub fn expected(events: &[PublishedEvent]) -> anyhow::Result<Documents> {
     let mut models = Models::default();
     for event in events {
@@ -329,17 +346,22 @@ pub fn expected(events: &[PublishedEvent]) -> anyhow::Result<Documents> {
             .apply(event)
             .with_context(|| format!("applying {event:?}"))?;
     }
+    let blocks: BTreeMap<String, BlockDoc> = models
+        .blocks
+        .into_iter()
+        .filter_map(|(id, b)| Some((id, b?)))
+        .collect();
     Ok(Documents {
         shows: models
             .shows
             .into_iter()
             .filter_map(|(id, s)| Some((id, s?)))
             .collect(),
-        blocks: models
-            .blocks
-            .into_iter()
-            .filter_map(|(id, b)| Some((id, b?)))
+        tallies: blocks
+            .iter()
+            .map(|(id, block)| (id.clone(), block.tally()))
             .collect(),
+        blocks,
         bookings: models
             .bookings
             .into_iter()
@@ -369,24 +391,33 @@ pub async fn converge(writes: &Writes, read: &ReadSide, within: Duration) -> any
                 .keys()
                 .filter(|k| have.blocks.get(*k) != want.blocks.get(*k))
                 .collect();
+            let tallies: Vec<&String> = want
+                .tallies
+                .keys()
+                .filter(|k| have.tallies.get(*k) != want.tallies.get(*k))
+                .collect();
             let bookings: Vec<&String> = want
                 .bookings
                 .keys()
                 .filter(|k| have.bookings.get(*k) != want.bookings.get(*k))
                 .collect();
             anyhow::bail!(
-                "read models never matched the log ({} events): {} of {} shows, {} of {} blocks \
-                 and {} of {} bookings differ, e.g. {:?} / {:?}",
+                "read models never matched the log ({} events): {} of {} shows, {} of {} blocks, \
+                 {} tallies and {} of {} bookings differ, e.g. {:?} / {:?} / {:?}",
                 log.len(),
                 shows.len(),
                 want.shows.len(),
                 blocks.len(),
                 want.blocks.len(),
+                tallies.len(),
                 bookings.len(),
                 want.bookings.len(),
                 blocks
                     .first()
                     .map(|k| (have.blocks.get(*k), want.blocks.get(*k))),
+                tallies
+                    .first()
+                    .map(|k| (have.tallies.get(*k), want.tallies.get(*k))),
                 bookings
                     .first()
                     .map(|k| (have.bookings.get(*k), want.bookings.get(*k)))
