@@ -238,14 +238,16 @@ impl ReadSide {
 
     /// query-api over this database, in this process.
     pub async fn serve(&self) -> anyhow::Result<(String, Service)> {
-        self.serve_waiting(2000).await
+        self.serve_waiting(2000, 5000).await
     }
 
     /// query-api over this database, each MongoDB operation allowed
-    /// `mongodb_timeout_ms`.
+    /// `mongodb_timeout_ms`, a read with a consistency token
+    /// `consistency_wait_ms`.
     pub async fn serve_waiting(
         &self,
         mongodb_timeout_ms: u64,
+        consistency_wait_ms: u64,
     ) -> anyhow::Result<(String, Service)> {
         let settings = query_api::startup::Settings {
             mongodb_uri: self.uri.clone(),
@@ -253,7 +255,7 @@ impl ReadSide {
             addr: "127.0.0.1:0".parse()?,
             startup_timeout_secs: 5,
             mongodb_timeout_ms,
-            consistency_wait_ms: 5000,
+            consistency_wait_ms,
             consistency_max_waiters: 10_000,
             consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
             log_json: false,
