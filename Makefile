@@ -5,7 +5,7 @@ RELEASE_BINARIES := -p command-api -p projector -p query-api -p ticketing-bench
 BENCH := target/release/onsale
 BENCH_OUT = bench/results/$$(date -u +%Y%m%dT%H%M%SZ)-$$(git rev-parse --short HEAD)
 
-.PHONY: help up down status test lint infra release bench
+.PHONY: help up down status test lint infra tools release bench
 
 help:
 	@echo "make up      build, start Postgres, Kafka (Tansu), MongoDB (SecantusDB) and the three services"
@@ -34,8 +34,12 @@ release:
 # The end-to-end tests start the release binaries themselves, on their own
 # ports and databases, so a running `make up` and `make test` do not meet.
 # Lint first: it is the cheapest failure. nextest prints the test summary.
-test: infra lint release
+test: infra tools lint release
 	cargo nextest run --workspace --all-targets --no-fail-fast
+
+# The test runner, installed once when this machine lacks it.
+tools:
+	cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 
 lint:
 	cargo fmt --all -- --check

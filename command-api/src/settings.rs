@@ -38,7 +38,7 @@ pub struct Settings {
     /// How many times a command is run when it meets concurrent writers.
     #[arg(long, env = "COMMAND_ATTEMPTS", default_value_t = 8)]
     pub command_attempts: u32,
-    /// The longest a command waits for one stream's lock, in ms; then it
+    /// The longest a command waits for all its streams' locks, in ms; then it
     /// starts over from a fresh snapshot (which most often refuses what the
     /// lock's holder took), and after `COMMAND_ATTEMPTS` answers 503.
     #[arg(long, env = "COMMAND_LOCK_WAIT_MS", default_value_t = 250,
@@ -81,7 +81,7 @@ impl Settings {
         Duration::from_secs(self.hold_secs)
     }
 
-    /// The longest wait for one stream's lock.
+    /// The longest wait for all of a command's stream locks.
     pub fn lock_wait(&self) -> Duration {
         Duration::from_millis(self.command_lock_wait_ms)
     }
