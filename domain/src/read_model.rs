@@ -227,6 +227,11 @@ pub struct BlockDoc {
     pub writes: i64,
 }
 
+/// How many blocks a section of `seats` seats is cut into (one at least).
+fn blocks_for(seats: u32) -> u32 {
+    seats.div_ceil(BLOCK_SEATS).max(1)
+}
+
 /// The `_id` of a block.
 pub fn block_id(show_id: &str, section: u32, block: u32) -> String {
     format!("{show_id}:{section}:{block}")
@@ -281,7 +286,7 @@ impl ShowDoc {
                         })
                         .collect(),
                     total: i64::from(total),
-                    blocks: total.div_ceil(BLOCK_SEATS).max(1),
+                    blocks: blocks_for(total),
                 }
             })
             .collect();
@@ -361,6 +366,14 @@ impl ShowDoc {
             .iter()
             .position(|s| s.name == name)
             .and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// Whether its sections are cut into blocks of [`BLOCK_SEATS`] (a
+    /// release with another block size wrote it otherwise).
+    pub fn is_cut_into_blocks_of_this_release(&self) -> bool {
+        self.sections.iter().all(|section| {
+            u32::try_from(section.total).is_ok_and(|total| blocks_for(total) == section.blocks)
+        })
     }
 
     /// How many block documents its sections other than `except` have

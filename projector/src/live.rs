@@ -228,7 +228,8 @@ impl Projection {
                 Ok(Some(generation)) => {
                     let message = format!(
                         "generation {generation} was written by an older release (every seat \
-                         of a show in one document, or blocks without tallies); run `projector replay` to build the read \
+                         of a show in one document, blocks or tallies without write numbers, or \
+                         blocks of another size); run `projector replay` to build the read \
                          models anew, this projector writes nothing until then"
                     );
                     tracing::error!("{message}");

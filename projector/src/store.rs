@@ -239,9 +239,9 @@ impl ReadStore {
 
     /// Whether `generation` was written by an older release: one that kept
     /// every seat of a show in the show's document (its shows are there,
-    /// its blocks are not), or one whose blocks have no write number and
-    /// no tallies. Such a generation is rebuilt by `projector replay`, never
-    /// written on.
+    /// its blocks are not), one whose blocks or tallies have no write
+    /// number, or one that cut sections into blocks of another size. Such
+    /// a generation is rebuilt by `projector replay`, never written on.
     ///
     /// # Errors
     /// MongoDB errors.
@@ -253,10 +253,20 @@ impl ReadStore {
             .filter(doc! { "name": &blocks })
             .await?;
         if !names.is_empty() {
-            // Any tally says this release; else any block with its write
-            // number (the first show's tallies not written yet).
-            if self.tallies(generation).find_one(doc! {}).await?.is_some() {
-                return Ok(false);
+            if let Some(show) = self.shows(generation).find_one(doc! {}).await? {
+                if !show.is_cut_into_blocks_of_this_release() {
+                    return Ok(true);
+                }
+            }
+            // Any tally, else any block (the first show's tallies not
+            // written yet), with its write number.
+            if let Some(tally) = self
+                .tallies(generation)
+                .clone_with_type::<Document>()
+                .find_one(doc! {})
+                .await?
+            {
+                return Ok(!tally.contains_key("w"));
             }
             return Ok(self
                 .blocks(generation)
@@ -690,7 +700,7 @@ impl ReadStore {
     /// conditional on its write number and those seats' sequences as
     /// loaded, the tally of each block written after it (whole when
     /// created, then its counts and changed holds), changed bookings
-    /// conditional on their versions, all in one unordered `bulkWrite`;
+    /// conditional on their versions, all in one ordered `bulkWrite`;
     /// then new shows, after their blocks (a show is read only once its
     /// blocks are there). `None` when another writer changed something
     /// first: the batch is applied again from a fresh load, which skips what
@@ -830,7 +840,10 @@ impl ReadStore {
         }
         let count = writes.len() + new_shows.len();
         if !writes.is_empty() {
-            let landed = match self.client.bulk_write(writes).ordered(false).await {
+            // In order: a block's tally lands after the block, never before
+            // it, which `load_blocks`'s repair relies on; a write refused
+            // stops the rest, and the batch is loaded again anyway.
+            let landed = match self.client.bulk_write(writes).ordered(true).await {
                 Ok(result) => {
                     result.matched_count + result.upserted_count == matched + upserts
                         && result.inserted_count == inserted

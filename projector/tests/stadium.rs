@@ -287,13 +287,42 @@ async fn a_tally_left_behind_by_a_stopped_writer_is_put_right() -> anyhow::Resul
         answer.body["held"]
     );
 
+    // Generations of older releases: sections cut into blocks of another
+    // size; tallies (and blocks) without write numbers; blocks without
+    // write numbers and no tallies.
+    ensure!(!restarted.of_an_older_shape(generation).await?);
+    let shows = read.store.shows(generation);
+    let show_filter = doc! { "_id": &show };
+    shows
+        .update_one(
+            show_filter.clone(),
+            doc! { "$inc": { "sections.0.blocks": -1_i64 } },
+        )
+        .await?;
+    ensure!(
+        restarted.of_an_older_shape(generation).await?,
+        "blocks of another size"
+    );
+    shows
+        .update_one(show_filter, doc! { "$inc": { "sections.0.blocks": 1_i64 } })
+        .await?;
     ensure!(!restarted.of_an_older_shape(generation).await?);
     read.store
         .blocks(generation)
         .update_many(doc! {}, doc! { "$unset": { "w": "" } })
         .await?;
+    tallies
+        .update_many(doc! {}, doc! { "$unset": { "w": "" } })
+        .await?;
+    ensure!(
+        restarted.of_an_older_shape(generation).await?,
+        "tallies without w"
+    );
     tallies.delete_many(doc! {}).await?;
-    ensure!(restarted.of_an_older_shape(generation).await?);
+    ensure!(
+        restarted.of_an_older_shape(generation).await?,
+        "blocks without w"
+    );
     query_service.stop().await?;
     read.drop().await?;
     writes.stop().await
