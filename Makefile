@@ -37,11 +37,14 @@ release:
 test: infra tools lint release
 	cargo nextest run --workspace --all-targets --no-fail-fast
 
-# The test runner, installed once when this machine lacks it.
+# The test runner and the shell linter, installed once when this machine
+# lacks them.
 tools:
 	cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
+	command -v shellcheck >/dev/null || scripts/infra.sh apt shellcheck
 
-lint:
+lint: tools
+	shellcheck scripts/*.sh .ci/run
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 

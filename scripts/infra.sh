@@ -7,7 +7,7 @@
 # Idempotent: a second `up` reuses whatever already answers. `down` stops only
 # what this script started (by the pids it recorded), nothing else.
 #
-# Usage: scripts/infra.sh up|down|status
+# Usage: scripts/infra.sh up|down|status|apt PACKAGE...
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,6 +40,11 @@ wait_for_port() { # name port pidfile
   die "$name did not answer on 127.0.0.1:$port within ${WAIT_SECS}s; see its log in $DATA"
 }
 
+# The newest Postgres version with a cluster configuration (empty if none).
+pg_version() {
+  find /etc/postgresql -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort -V | tail -n 1 || true
+}
+
 apt_install() {
   log "installing $* from Debian's packages"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -47,10 +52,10 @@ apt_install() {
 }
 
 postgres_up() {
-  if ! command -v pg_ctlcluster >/dev/null || [[ -z $(ls /etc/postgresql 2>/dev/null) ]]; then
+  if ! command -v pg_ctlcluster >/dev/null || [[ -z $(pg_version) ]]; then
     apt_install postgresql postgresql-client
     local version hba
-    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    version=$(pg_version)
     hba=/etc/postgresql/$version/main/pg_hba.conf
     # A cluster we installed ourselves gets the local trust auth the project
     # expects of a development machine; an existing cluster is left as it is.
@@ -59,7 +64,7 @@ postgres_up() {
   fi
   if ! pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; then
     local version
-    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    version=$(pg_version)
     log "starting the local Postgres $version cluster"
     pg_ctlcluster --skip-systemctl-redirect "$version" main start
     touch "$DATA/postgres.started-by-project"
@@ -167,18 +172,23 @@ case ${1:-} in
     stop_pid tansu "$DATA/tansu/tansu.pid" tansu 10
     stop_pid secantusdb "$DATA/secantus/secantus.pid" secantus 10
     if [[ -f $DATA/postgres.started-by-project ]]; then
-      pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n 1)" main stop
+      pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main stop
       rm -f "$DATA/postgres.started-by-project"
       log "stopped the Postgres cluster this script had started"
     fi
     ;;
+  apt)
+    # A Debian package a make target needs (shellcheck for `make lint`).
+    shift
+    apt_install "$@"
+    ;;
   status)
     for entry in "postgres $PG_PORT" "kafka $KAFKA_PORT" "mongodb $MONGO_PORT"; do
-      set -- $entry
-      if port_open "$2"; then log "$1 up on 127.0.0.1:$2"; else log "$1 down (127.0.0.1:$2)"; fi
+      read -r name port <<<"$entry"
+      if port_open "$port"; then log "$name up on 127.0.0.1:$port"; else log "$name down (127.0.0.1:$port)"; fi
     done
     ;;
   *)
-    die "usage: $0 up|down|status"
+    die "usage: $0 up|down|status|apt PACKAGE..."
     ;;
 esac

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Pid files, shared by infra.sh and services.sh (sourced; the caller defines
 # `log`). A recorded pid counts only while its command line still names the
 # program: after a reboot the number may belong to a process that is not ours,
