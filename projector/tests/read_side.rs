@@ -326,6 +326,24 @@ async fn every_read_model_follows_a_scripted_sequence() -> anyhow::Result<()> {
         );
         assert_eq!(answer.body["status"], 404, "{path}");
     }
+    // Query parameters that do not parse, or out of range: 400 problems.
+    for path in [
+        "/shows?limit=abc".to_owned(),
+        "/shows?limit=0".to_owned(),
+        "/shows?limit=501".to_owned(),
+        "/shows?after=zzz".to_owned(),
+        format!("/users/{USER}/bookings?limit=-1"),
+        format!("/users/{USER}/bookings?limit=1.5"),
+    ] {
+        let answer = s.get(&path, None).await?;
+        assert_eq!(answer.status, 400, "{path}: {answer:?}");
+        assert_eq!(
+            answer.content_type.as_deref(),
+            Some("application/problem+json"),
+            "{path}"
+        );
+        assert_eq!(answer.body["type"], "/problems/bad-query", "{path}");
+    }
     let bad = s
         .get(&format!("/shows/{show}"), Some("v1;show=nonsense"))
         .await?;

@@ -34,6 +34,14 @@ impl From<mongodb::error::Error> for QueryError {
     }
 }
 
+/// A query string that does not parse (`?limit=abc`) is a problem like
+/// any other bad parameter, not axum's plain-text answer.
+impl From<axum::extract::rejection::QueryRejection> for QueryError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::BadQuery(rejection.body_text())
+    }
+}
+
 impl QueryError {
     fn status(&self) -> StatusCode {
         match self {

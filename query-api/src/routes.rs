@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -251,9 +252,10 @@ impl Page {
         (status = 503, description = "read models unreachable")))]
 pub async fn list_shows(
     State(reads): State<Reads>,
-    Query(page): Query<Page>,
+    page: Result<Query<Page>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
+    let Query(page) = page?;
     let limit = page.limit(DEFAULT_SHOWS_PAGE)?;
     let after = page.after()?;
     if let Some(token) = token(&reads, &headers)? {
@@ -398,9 +400,10 @@ pub async fn show(
 pub async fn availability(
     State(reads): State<Reads>,
     Path(id): Path<String>,
-    Query(filter): Query<SectionFilter>,
+    filter: Result<Query<SectionFilter>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
+    let Query(filter) = filter?;
     let (generation, show, waited) = find_show(&reads, &id, &headers).await?;
     let only = match &filter.section {
         Some(name) => Some(
@@ -530,9 +533,10 @@ pub async fn booking(
 pub async fn user_bookings(
     State(reads): State<Reads>,
     Path(id): Path<String>,
-    Query(page): Query<Page>,
+    page: Result<Query<Page>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, QueryError> {
+    let Query(page) = page?;
     let user_id: UserId = id.parse().map_err(|_| QueryError::NotFound("user"))?;
     let limit = page.limit(DEFAULT_BOOKINGS_PAGE)?;
     let after = page.after()?;
