@@ -39,6 +39,16 @@ impl Service {
             Self::QueryApi => "query-api",
         }
     }
+
+    /// A member of its `/readyz` answer that the others' lack: whoever
+    /// answers on its port must be it.
+    fn readyz_member(self) -> &'static str {
+        match self {
+            Self::CommandApi => "relay",
+            Self::Projector => "projection",
+            Self::QueryApi => "consistency_waiters",
+        }
+    }
 }
 
 /// Where `cargo build --release` put the binaries.
@@ -63,13 +73,23 @@ pub fn release_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// A free port on 127.0.0.1 (free when asked; the service binds it soon after).
+/// `N` free ports on 127.0.0.1, free when asked (the services bind them
+/// soon after), and all different: each is held until all are found, or
+/// the port one gave back could be handed out again for the next.
 ///
 /// # Errors
-/// When none is.
-pub fn free_addr() -> anyhow::Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("no free port")?;
-    Ok(listener.local_addr()?.to_string())
+/// When there are not enough.
+pub fn free_addrs<const N: usize>() -> anyhow::Result<[String; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("no free port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|listener| Ok(listener.local_addr()?.to_string()))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    addrs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("not {N} addresses"))
 }
 
 /// The variables that give services a world of their own on the shared
@@ -127,7 +147,7 @@ impl System {
         let bin = release_dir()?;
         let db = TestDatabase::create().await?;
         let name = unique_name("e2e");
-        let (command_addr, query_addr, projector_addr) = (free_addr()?, free_addr()?, free_addr()?);
+        let [command_addr, query_addr, projector_addr] = free_addrs()?;
         let mut env = isolated_env(db.url(), &name);
         env.extend([
             ("RELAY_PARTITIONS", "3".to_owned()),
@@ -224,7 +244,9 @@ impl System {
                 if answer.status().is_success() {
                     let body: Value = answer.json().await.unwrap_or(Value::Null);
                     // The relay has created the topic once it is active.
-                    if service != Service::CommandApi || body["relay"]["role"] == "active" {
+                    let ours = body.get(service.readyz_member()).is_some();
+                    if ours && (service != Service::CommandApi || body["relay"]["role"] == "active")
+                    {
                         return Ok(());
                     }
                 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use serde_json::Value;
-use ticketing_tests::system::{free_addr, isolated_env, release_dir};
+use ticketing_tests::system::{free_addrs, isolated_env, release_dir};
 use ticketing_tests::{mongodb_uri, unique_name, TestDatabase};
 
 struct Script {
@@ -72,13 +72,14 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../target/e2e-logs")
         .join(&name);
+    let [command_addr, query_addr, projector_addr] = free_addrs()?;
     let script = Script {
         env: [
             ("SERVICES_BIN", bin.display().to_string()),
             ("SERVICES_DIR", dir.display().to_string()),
-            ("COMMAND_API_ADDR", free_addr()?),
-            ("QUERY_API_ADDR", free_addr()?),
-            ("PROJECTOR_ADDR", free_addr()?),
+            ("COMMAND_API_ADDR", command_addr),
+            ("QUERY_API_ADDR", query_addr),
+            ("PROJECTOR_ADDR", projector_addr),
         ]
         .into_iter()
         .chain(isolated_env(db.url(), &name))
