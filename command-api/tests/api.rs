@@ -383,6 +383,8 @@ async fn health_readiness_and_openapi_answer() -> anyhow::Result<()> {
             "openapi lacks {path}"
         );
     }
+    let problems = ticketing_tests::openapi::parameter_problems(&doc);
+    ensure!(problems.is_empty(), "{problems:?}");
     app.stop().await
 }
 

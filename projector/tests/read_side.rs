@@ -367,6 +367,8 @@ async fn every_read_model_follows_a_scripted_sequence() -> anyhow::Result<()> {
 
     let openapi = s.get("/openapi.json", None).await?;
     assert!(openapi.body["paths"]["/shows/{id}/availability"].is_object());
+    let problems = ticketing_tests::openapi::parameter_problems(&openapi.body);
+    assert!(problems.is_empty(), "{problems:?}");
 
     projector.stop().await?;
     query_service.stop().await?;

@@ -206,6 +206,7 @@ pub struct BookingList {
 
 /// `?section=` of the availability.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SectionFilter {
     /// Narrow `sections` and `seats` to this section.
     pub section: Option<String>,
@@ -213,8 +214,10 @@ pub struct SectionFilter {
 
 /// `?limit=&after=` of a list: a page after a cursor from an earlier `next`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
     /// Most items on the page (1 to 500).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// The cursor of the page before, as its `next` link carries it.
     pub after: Option<String>,

@@ -15,6 +15,7 @@ use uuid::Uuid;
 pub mod cluster;
 pub mod kafka;
 pub mod log_order;
+pub mod openapi;
 pub mod system;
 
 /// Postgres server of the tests (`TEST_DATABASE_URL`, then `DATABASE_URL`).
