@@ -107,7 +107,14 @@ pub struct ShowCreated {
 
 /// `POST /shows`: creates a show with its seat map.
 #[utoipa::path(post, path = "/shows", request_body = NewShow,
-    responses((status = 201, body = ShowCreated), (status = 422, description = "a rule of the seat map is broken")))]
+    params(("Idempotency-Key" = Option<String>, Header, description = "retry-safe key, up to 255 characters")),
+    responses((status = 201, body = ShowCreated),
+        (status = 400, description = "the body is not JSON"),
+        (status = 413, description = "the body is over the size limit"),
+        (status = 415, description = "the body is not `application/json`"),
+        (status = 409, description = "the same key in flight"),
+        (status = 422, description = "a rule of the seat map is broken, or the key reused with another body"),
+        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
 pub async fn create_show(
     State(sales): State<Sales>,
     headers: HeaderMap,
@@ -217,9 +224,14 @@ fn parse_booking(
 /// `POST /bookings`: books or holds seats, all or nothing.
 #[utoipa::path(post, path = "/bookings", request_body = NewBooking,
     params(("Idempotency-Key" = Option<String>, Header, description = "retry-safe key, up to 255 characters")),
-    responses((status = 201, body = BookingView), (status = 404, description = "unknown show"),
+    responses((status = 201, body = BookingView),
+        (status = 400, description = "the body is not JSON"),
+        (status = 413, description = "the body is over the size limit"),
+        (status = 415, description = "the body is not `application/json`"),
+        (status = 404, description = "unknown show"),
         (status = 409, description = "seats unavailable (`unavailable_seats`), or the same key in flight"),
-        (status = 422, description = "bad seat list (`unknown_seats`), or the key reused with another body")))]
+        (status = 422, description = "bad seat list (`unknown_seats`), or the key reused with another body"),
+        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
 pub async fn place_booking(
     State(sales): State<Sales>,
     headers: HeaderMap,
@@ -340,7 +352,9 @@ async fn enter_gate(
 
 /// `POST /bookings/{id}/confirm`: buys a held booking.
 #[utoipa::path(post, path = "/bookings/{id}/confirm", params(("id" = String, Path)),
-    responses((status = 200, body = BookingView), (status = 404), (status = 409, description = "expired or cancelled")))]
+    responses((status = 200, body = BookingView), (status = 404, description = "unknown booking"),
+        (status = 409, description = "expired or cancelled (`booking_status`)"),
+        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
 pub async fn confirm_booking(
     State(sales): State<Sales>,
     Path(id): Path<String>,
@@ -350,7 +364,9 @@ pub async fn confirm_booking(
 
 /// `POST /bookings/{id}/cancel`: cancels a booking and frees its seats.
 #[utoipa::path(post, path = "/bookings/{id}/cancel", params(("id" = String, Path)),
-    responses((status = 200, body = BookingView), (status = 404), (status = 409, description = "expired")))]
+    responses((status = 200, body = BookingView), (status = 404, description = "unknown booking"),
+        (status = 409, description = "expired (`booking_status`)"),
+        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
 pub async fn cancel_booking(
     State(sales): State<Sales>,
     Path(id): Path<String>,

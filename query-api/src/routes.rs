@@ -250,8 +250,8 @@ impl Page {
 
 /// `GET /shows`: shows by start time, a page at a time.
 #[utoipa::path(get, path = "/shows", params(Page),
-    responses((status = 200, body = ShowList),
-        (status = 400, description = "malformed `limit` or `after`, or consistency token"),
+    responses((status = 200, body = ShowList), (status = 304, description = "the client's ETag matches"),
+        (status = 400, description = "malformed `limit` or `after`"),
         (status = 503, description = "read models unreachable")))]
 pub async fn list_shows(
     State(reads): State<Reads>,
@@ -344,8 +344,11 @@ fn page_after<T>(items: &mut Vec<T>, limit: i64, link: impl Fn(&T) -> String) ->
 
 /// `GET /shows/{id}`: the show with its sections and counts.
 #[utoipa::path(get, path = "/shows/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = ShowView), (status = 404, description = "unknown show"),
-        (status = 503, description = "read models unreachable")))]
+    responses((status = 200, body = ShowView), (status = 304, description = "the client's ETag matches"),
+        (status = 404, description = "unknown show"),
+        (status = 400, description = "malformed consistency token"),
+        (status = 504, description = "the read models did not reach the token's write in time"),
+        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
 pub async fn show(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -398,8 +401,11 @@ pub async fn show(
 
 /// `GET /shows/{id}/availability`: counts and every seat's status.
 #[utoipa::path(get, path = "/shows/{id}/availability", params(("id" = String, Path), SectionFilter),
-    responses((status = 200, body = Availability), (status = 404, description = "unknown show or section"),
-        (status = 503, description = "read models unreachable")))]
+    responses((status = 200, body = Availability), (status = 304, description = "the client's ETag matches"),
+        (status = 404, description = "unknown show or section"),
+        (status = 400, description = "malformed consistency token"),
+        (status = 504, description = "the read models did not reach the token's write in time"),
+        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
 pub async fn availability(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -498,8 +504,11 @@ pub async fn availability(
 
 /// `GET /bookings/{id}`.
 #[utoipa::path(get, path = "/bookings/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = BookingView), (status = 404, description = "unknown booking"),
-        (status = 503, description = "read models unreachable")))]
+    responses((status = 200, body = BookingView), (status = 304, description = "the client's ETag matches"),
+        (status = 404, description = "unknown booking"),
+        (status = 400, description = "malformed consistency token"),
+        (status = 504, description = "the read models did not reach the token's write in time"),
+        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
 pub async fn booking(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -530,9 +539,11 @@ pub async fn booking(
 
 /// `GET /users/{id}/bookings`: newest first, a page at a time.
 #[utoipa::path(get, path = "/users/{id}/bookings", params(("id" = String, Path), Page),
-    responses((status = 200, body = BookingList), (status = 404, description = "malformed user id"),
+    responses((status = 200, body = BookingList), (status = 304, description = "the client's ETag matches"),
+        (status = 404, description = "malformed user id"),
         (status = 400, description = "malformed `limit` or `after`, or consistency token"),
-        (status = 503, description = "read models unreachable")))]
+        (status = 504, description = "the read models did not reach the token's writes in time"),
+        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
 pub async fn user_bookings(
     State(reads): State<Reads>,
     Path(id): Path<String>,

@@ -82,6 +82,17 @@ async fn get(system: &System, path: &str, token: Option<&str>) -> anyhow::Result
     answer(request.send().await?).await
 }
 
+/// The OpenAPI document the service at `base` serves.
+async fn openapi_of(system: &System, base: &str) -> anyhow::Result<Value> {
+    Ok(system
+        .http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
 /// `rows` of `seats` seats each, in one section per row named after it.
 async fn create_show(system: &System, rows: &[(&str, u32)]) -> anyhow::Result<(String, String)> {
     let sections: Vec<Value> = rows
@@ -370,16 +381,23 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
             .body(body)
             .send()
     };
+    const BOOK: (&str, &str, &str) = ("command", "post", "/bookings");
+    const CONFIRM: (&str, &str, &str) = ("command", "post", "/bookings/{id}/confirm");
+    const BOOKING: (&str, &str, &str) = ("query", "get", "/bookings/{id}");
+    const SHOW: (&str, &str, &str) = ("query", "get", "/shows/{id}");
     let cases = [
         (
+            BOOK,
             answer(raw("{\"show_id\":", "application/json").await?).await?,
             StatusCode::BAD_REQUEST,
         ),
         (
+            BOOK,
             answer(raw("{}", "text/plain").await?).await?,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ),
         (
+            BOOK,
             book(
                 &system,
                 &json!({"show_id": show, "user_id": buyer, "seats": ["A7"], "extra": 1}),
@@ -388,18 +406,22 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            BOOK,
             book(&system, &booking(&show, &buyer, &["Z9"], false)).await?,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            BOOK,
             book(&system, &booking(&show, &buyer, &[], false)).await?,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            BOOK,
             book(&system, &booking(&show, &buyer, &["A7", "A7"], false)).await?,
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            BOOK,
             book(
                 &system,
                 &booking(&Uuid::new_v4().to_string(), &buyer, &["A7"], false),
@@ -408,6 +430,7 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
             StatusCode::NOT_FOUND,
         ),
         (
+            CONFIRM,
             post(
                 &system,
                 &format!("/bookings/{}/confirm", Uuid::new_v4()),
@@ -418,15 +441,17 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
             StatusCode::NOT_FOUND,
         ),
         (
+            BOOKING,
             get(&system, &format!("/bookings/{}", Uuid::new_v4()), None).await?,
             StatusCode::NOT_FOUND,
         ),
         (
+            SHOW,
             get(&system, &format!("/shows/{show}"), Some("v2;nonsense")).await?,
             StatusCode::BAD_REQUEST,
         ),
     ];
-    for (i, (answer, expected)) in cases.iter().enumerate() {
+    for (i, (_, answer, expected)) in cases.iter().enumerate() {
         assert_eq!(answer.status, *expected, "case {i}: {}", answer.body);
         assert!(
             answer.content_type.starts_with("application/problem+json"),
@@ -434,6 +459,20 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
             answer.content_type
         );
         assert_eq!(answer.body["status"], expected.as_u16(), "case {i}");
+    }
+    // Each of those answers is one its operation's OpenAPI document lists.
+    let command_doc = openapi_of(&system, &system.command_url).await?;
+    let query_doc = openapi_of(&system, &system.query_url).await?;
+    for (i, ((side, method, path), _, status)) in cases.iter().enumerate() {
+        let doc = if *side == "command" {
+            &command_doc
+        } else {
+            &query_doc
+        };
+        assert!(
+            doc["paths"][*path][*method]["responses"][status.as_str()].is_object(),
+            "case {i}: {method} {path} does not list {status} in its OpenAPI document"
+        );
     }
     let unknown = book(&system, &booking(&show, &buyer, &["Z9"], false)).await?;
     assert_eq!(unknown.body["unknown_seats"], json!(["Z9"]));
