@@ -441,36 +441,18 @@ async fn matches_log(
     generation: u32,
     pool: &sqlx::PgPool,
 ) -> anyhow::Result<bool> {
-    use futures::TryStreamExt;
     let mut conn = pool.acquire().await?;
     let mut models = domain::read_model::Models::default();
     for event in event_feed::read_all(&mut conn, 10_000).await? {
         models.apply(&event)?;
     }
-    let shows: Vec<ShowDoc> = store
-        .shows(generation)
-        .find(doc! {})
-        .await?
-        .try_collect()
-        .await?;
-    let blocks: Vec<domain::read_model::BlockDoc> = store
-        .blocks(generation)
-        .find(doc! {})
-        .await?
-        .try_collect()
-        .await?;
-    let tallies: Vec<domain::read_model::BlockDoc> = store
-        .tallies(generation)
-        .find(doc! {})
-        .await?
-        .try_collect()
-        .await?;
-    let bookings: Vec<domain::read_model::BookingDoc> = store
-        .bookings(generation)
-        .find(doc! {})
-        .await?
-        .try_collect()
-        .await?;
+    let shows: Vec<ShowDoc> = ticketing_tests::all_documents(&store.shows(generation)).await?;
+    let blocks: Vec<domain::read_model::BlockDoc> =
+        ticketing_tests::all_documents(&store.blocks(generation)).await?;
+    let tallies: Vec<domain::read_model::BlockDoc> =
+        ticketing_tests::all_documents(&store.tallies(generation)).await?;
+    let bookings: Vec<domain::read_model::BookingDoc> =
+        ticketing_tests::all_documents(&store.bookings(generation)).await?;
     let shows_match = shows.len() == models.shows.len()
         && shows
             .into_iter()

@@ -129,6 +129,22 @@ fn with_database(url: &str, name: &str) -> String {
     }
 }
 
+/// Every document of `collection`.
+///
+/// # Errors
+/// MongoDB errors.
+pub async fn all_documents<T>(collection: &mongodb::Collection<T>) -> anyhow::Result<Vec<T>>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    let mut cursor = collection.find(mongodb::bson::doc! {}).await?;
+    let mut documents = Vec::new();
+    while cursor.advance().await? {
+        documents.push(cursor.deserialize_current()?);
+    }
+    Ok(documents)
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

@@ -12,8 +12,6 @@ use anyhow::{ensure, Context};
 use command_api::relay::RelaySettings;
 use domain::read_model::{BlockDoc, BookingDoc, Models, ShowDoc};
 use domain::PublishedEvent;
-use futures::TryStreamExt;
-use mongodb::bson::doc;
 use projector::live::{ConsumerSettings, Projection};
 use projector::store::ReadStore;
 use serde_json::{json, Value};
@@ -271,34 +269,14 @@ impl ReadSide {
     /// (they count writes, not content).
     pub async fn snapshot(&self) -> anyhow::Result<Documents> {
         let generation = self.store.pointer().await?.current;
-        let shows: Vec<ShowDoc> = self
-            .store
-            .shows(generation)
-            .find(doc! {})
-            .await?
-            .try_collect()
-            .await?;
-        let blocks: Vec<BlockDoc> = self
-            .store
-            .blocks(generation)
-            .find(doc! {})
-            .await?
-            .try_collect()
-            .await?;
-        let tallies: Vec<BlockDoc> = self
-            .store
-            .tallies(generation)
-            .find(doc! {})
-            .await?
-            .try_collect()
-            .await?;
-        let bookings: Vec<BookingDoc> = self
-            .store
-            .bookings(generation)
-            .find(doc! {})
-            .await?
-            .try_collect()
-            .await?;
+        let shows: Vec<ShowDoc> =
+            ticketing_tests::all_documents(&self.store.shows(generation)).await?;
+        let blocks: Vec<BlockDoc> =
+            ticketing_tests::all_documents(&self.store.blocks(generation)).await?;
+        let tallies: Vec<BlockDoc> =
+            ticketing_tests::all_documents(&self.store.tallies(generation)).await?;
+        let bookings: Vec<BookingDoc> =
+            ticketing_tests::all_documents(&self.store.bookings(generation)).await?;
         let by_id = |blocks: Vec<BlockDoc>| {
             blocks
                 .into_iter()
