@@ -1,6 +1,14 @@
-//! The process plumbing the three services share, so that they log and stop
-//! alike: `RUST_LOG`-filtered logs to stderr (JSON lines with `LOG_JSON`),
-//! and a cancellation token fired by SIGTERM or Ctrl-C.
+//! The process plumbing the three services share, so that they behave alike:
+//! `RUST_LOG`-filtered logs to stderr (JSON lines with `LOG_JSON`), a
+//! cancellation token fired by SIGTERM or Ctrl-C, the waits between retries
+//! ([`backoff`]), the connections to Postgres and MongoDB ([`connect`]),
+//! problem documents ([`problem`]) and the span of an HTTP request
+//! ([`http`]).
+
+pub mod backoff;
+pub mod connect;
+pub mod http;
+pub mod problem;
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
