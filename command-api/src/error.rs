@@ -1,11 +1,12 @@
-//! Every error answer of the command API, as an RFC 9457 problem document.
-//! This is the only place that writes `application/problem+json`.
+//! Every error answer of the command API, as an RFC 9457 problem document
+//! written by [`service_kit::problem`].
 
 use axum::extract::rejection::JsonRejection;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use domain::{BookingError, BoxOfficeError, IdError, SeatLabel, ShowError};
 use serde_json::{json, Map, Value};
+use service_kit::problem::Problem;
 
 use crate::event_log::LogError;
 use crate::reply::Reply;
@@ -113,32 +114,16 @@ impl ApiError {
             Self::StoreUnavailable(_) => "the event store is unavailable; retry later".to_owned(),
             other => other.to_string(),
         };
-        let mut body = json!({
-            "type": format!("/problems/{kind}"),
-            "title": title,
-            "status": status.as_u16(),
-            "detail": detail,
-        });
-        if let Some(object) = body.as_object_mut() {
-            match self {
-                Self::Invalid { members, .. } => object.extend(members.clone()),
-                Self::Unavailable { seats } => {
-                    object.insert("unavailable_seats".into(), labels(seats));
-                }
-                Self::BookingClosed { status } => {
-                    object.insert("booking_status".into(), json!(status));
-                }
-                Self::InProgress => {
-                    object.insert("in_progress".into(), json!(true));
-                }
-                _ => {}
-            }
-        }
-        let mut reply = Reply::problem(status, body);
-        if matches!(self, Self::StoreUnavailable(_) | Self::InProgress) {
-            reply.header(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        reply
+        let problem = Problem::new(status, kind, title, detail);
+        let problem = match self {
+            Self::Invalid { members, .. } => problem.with_all(members.clone()),
+            Self::Unavailable { seats } => problem.with("unavailable_seats", labels(seats)),
+            Self::BookingClosed { status } => problem.with("booking_status", json!(status)),
+            Self::InProgress => problem.with("in_progress", json!(true)).retry_after(1),
+            Self::StoreUnavailable(_) => problem.retry_after(1),
+            _ => problem,
+        };
+        Reply::problem(&problem)
     }
 }
 
@@ -150,10 +135,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             Self::Internal(error) => {
-                tracing::error!(error = format!("{error:#}"), "internal error")
+                tracing::error!(error = %format_args!("{error:#}"), "internal error")
             }
             Self::StoreUnavailable(Some(error)) => {
-                tracing::warn!(error = format!("{error:#}"), "event store unavailable");
+                tracing::warn!(error = %format_args!("{error:#}"), "event store unavailable");
             }
             _ => {}
         }

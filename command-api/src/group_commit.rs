@@ -262,7 +262,8 @@ async fn run(pool: &PgPool, group: Vec<Job>, commits: &Notify) {
         Err(error) => {
             tracing::warn!(
                 commands = group.len(),
-                "a group failed, its commands run again on their own: {error:#}"
+                error = %format_args!("{error:#}"),
+                "a group failed, its commands run again on their own"
             );
             for job in group {
                 let _ = job.done.send(Outcome::OnItsOwn);

@@ -31,7 +31,7 @@ enum Command {
     /// Have the relay publish again, in commit order, every event it has
     /// already passed: moves its checkpoint back, then waits until the relay
     /// is back where it was. Consumers deduplicate, so this only fills in
-    /// what a topic lacks; see the README for when.
+    /// what a topic lacks; see docs/operations.md for when.
     Republish {
         /// Start at the event with this global position (and go on in
         /// commit order) instead of at the start of the log.
@@ -54,7 +54,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line with the whole cause chain, not a backtrace.
-            tracing::error!("command-api stopped: {error:#}");
+            tracing::error!(error = %format_args!("{error:#}"), "command-api stopped");
             ExitCode::FAILURE
         }
     }

@@ -233,12 +233,17 @@ impl Relay {
     /// Runs until `stop`: waits for the lock, then publishes; on any error
     /// lets the lock go, backs off and starts over.
     pub async fn run(self, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = service_kit::backoff::Backoff::default();
         while !stop.is_cancelled() {
             match self.lead(&stop).await {
                 Ok(()) => return,
                 Err(error) => {
-                    tracing::warn!(topic = %self.settings.relay_topic, "relay: {error:#}; retrying in {backoff:?}");
+                    tracing::warn!(
+                        topic = %self.settings.relay_topic,
+                        error = %format_args!("{error:#}"),
+                        retry_in = ?backoff.delay(),
+                        "relay stopped publishing; retrying"
+                    );
                     // While it cannot publish, the backlog still shows.
                     let lag = self.lag_from_checkpoint().await.ok();
                     self.status.update(|report| {
@@ -251,11 +256,9 @@ impl Relay {
                     });
                 }
             }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(&stop).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -26,9 +26,17 @@ impl Reply {
         Self::with_content_type(status, body, "application/json")
     }
 
-    /// A problem document.
-    pub fn problem(status: StatusCode, body: serde_json::Value) -> Self {
-        Self::with_content_type(status, &body, "application/problem+json")
+    /// A problem document, with its headers.
+    pub fn problem(problem: &service_kit::problem::Problem) -> Self {
+        let mut reply = Self::with_content_type(
+            problem.status_code(),
+            problem,
+            service_kit::problem::CONTENT_TYPE,
+        );
+        for (name, value) in problem.headers() {
+            reply.header(name, value);
+        }
+        reply
     }
 
     fn with_content_type(

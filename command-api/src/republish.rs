@@ -184,7 +184,9 @@ pub async fn wait_for(pool: &PgPool, rewind: &Rewind, wait: Duration) -> Progres
                 logged = tokio::time::Instant::now();
             }
             Ok(_) => {}
-            Err(error) => tracing::warn!("reading the relay checkpoint: {error:#}"),
+            Err(error) => {
+                tracing::warn!(error = %format_args!("{error:#}"), "cannot read the relay checkpoint")
+            }
         }
         let left = wait.saturating_sub(started.elapsed());
         if left.is_zero() {

@@ -10,6 +10,7 @@ use domain::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use service_kit::problem::Problem;
 use std::sync::Arc;
 use utoipa::ToSchema;
 
@@ -31,14 +32,18 @@ pub struct Json<T>(pub T);
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewShow {
-    /// What the show is called.
+    /// What the show is called: up to 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
-    /// Where it takes place.
+    /// Where it takes place: up to 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub venue: String,
     /// When it starts (RFC 3339).
     #[schema(value_type = String, format = DateTime)]
     pub starts_at: Timestamp,
-    /// Priced sections with their rows.
+    /// Priced sections with their rows; section names are unique, and so
+    /// are row names across the whole show. At most 100,000 seats in all.
+    #[schema(min_items = 1)]
     pub sections: Vec<NewSection>,
 }
 
@@ -46,11 +51,14 @@ pub struct NewShow {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSection {
-    /// The section's name.
+    /// The section's name: up to 100 characters, not blank.
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     pub name: String,
     /// Price of each seat, in cents.
+    #[schema(minimum = 0)]
     pub price_cents: i64,
     /// Its rows.
+    #[schema(min_items = 1)]
     pub rows: Vec<NewRow>,
 }
 
@@ -59,8 +67,10 @@ pub struct NewSection {
 #[serde(deny_unknown_fields)]
 pub struct NewRow {
     /// Row name: 1 to 8 letters.
+    #[schema(pattern = r"^[A-Za-z]{1,8}$")]
     pub row: String,
     /// How many seats, numbered from 1.
+    #[schema(minimum = 1, maximum = 100000)]
     pub seats: u32,
 }
 
@@ -96,6 +106,49 @@ impl NewShow {
     }
 }
 
+/// The answers every write with a body may give besides its own.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum WriteProblems {
+    /// The body is not JSON.
+    #[response(
+        status = 400,
+        description = "the body is not JSON",
+        content_type = "application/problem+json"
+    )]
+    NotJson(Problem),
+    /// The body is too big.
+    #[response(
+        status = 413,
+        description = "the body is over 64 KiB",
+        content_type = "application/problem+json"
+    )]
+    TooLarge(Problem),
+    /// The body is not declared JSON.
+    #[response(
+        status = 415,
+        description = "the body is not `application/json`",
+        content_type = "application/problem+json"
+    )]
+    NotJsonContent(Problem),
+    /// Postgres is unreachable or the write kept meeting others.
+    #[response(status = 503, description = "Postgres unreachable, or the write kept meeting others; \
+        retry after `Retry-After`", content_type = "application/problem+json",
+        headers(("Retry-After" = u32, description = "seconds")))]
+    Unavailable(Problem),
+}
+
+/// The answers every write on a booking may give besides its own.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ActionProblems {
+    /// Postgres is unreachable or the write kept meeting others.
+    #[response(status = 503, description = "Postgres unreachable, or the write kept meeting others; \
+        retry after `Retry-After`", content_type = "application/problem+json",
+        headers(("Retry-After" = u32, description = "seconds")))]
+    Unavailable(Problem),
+}
+
 /// `POST /shows` answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ShowCreated {
@@ -107,21 +160,22 @@ pub struct ShowCreated {
 
 /// `POST /shows`: creates a show with its seat map.
 #[utoipa::path(post, path = "/shows", request_body = NewShow,
-    params(("Idempotency-Key" = Option<String>, Header, description = "retry-safe key, up to 255 characters")),
-    responses((status = 201, body = ShowCreated),
-        (status = 400, description = "the body is not JSON"),
-        (status = 413, description = "the body is over the size limit"),
-        (status = 415, description = "the body is not `application/json`"),
-        (status = 409, description = "the same key in flight"),
-        (status = 422, description = "a rule of the seat map is broken, or the key reused with another body"),
-        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+        description = "retry-safe key, 1 to 255 visible ASCII characters")),
+    responses((status = 201, body = ShowCreated, headers(("Location" = String, description = "the show's path"), ("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
+        (status = 409, description = "the same key in flight", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u32))),
+        (status = 422, description = "a rule of the seat map is broken, or the key reused with another body", body = Problem, content_type = "application/problem+json"),
+        WriteProblems))]
+#[tracing::instrument(skip_all, fields(show_id = tracing::field::Empty))]
 pub async fn create_show(
     State(sales): State<Sales>,
     headers: HeaderMap,
     Json(body): Json<NewShow>,
 ) -> Result<Reply, ApiError> {
     let keyed = Keyed::from_headers(&headers, "POST /shows", &body)?;
-    let details = body.into_details(ShowId::from_uuid(uuid::Uuid::new_v4()))?;
+    let show_id = ShowId::from_uuid(uuid::Uuid::new_v4());
+    tracing::Span::current().record("show_id", tracing::field::display(show_id));
+    let details = body.into_details(show_id)?;
     let signer = sales.clone();
     sales
         .transact(keyed.as_ref(), |conn| {
@@ -145,16 +199,26 @@ pub async fn create_show(
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewBooking {
-    /// The show (UUID).
+    /// The show.
+    #[schema(format = Uuid)]
     pub show_id: String,
-    /// The buyer (UUID).
+    /// The buyer.
+    #[schema(format = Uuid)]
     pub user_id: String,
-    /// Seat labels such as `A1`.
+    /// Seat labels such as `A1`: 1 to 10 different seats of the show.
+    #[schema(value_type = Vec<SeatLabelText>, min_items = 1, max_items = 10)]
     pub seats: Vec<String>,
     /// Hold the seats (to confirm later) instead of booking them at once.
     #[serde(default)]
     pub hold: bool,
 }
+
+/// A seat label as the document describes it: a row's letters, then the
+/// seat's number from 1, with no leading zero.
+#[derive(ToSchema)]
+#[schema(as = SeatLabel, pattern = r"^[A-Za-z]{1,8}[1-9][0-9]{0,9}$", example = "A1")]
+#[allow(dead_code)]
+struct SeatLabelText(String);
 
 /// A booking as the command API answers it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -223,15 +287,14 @@ fn parse_booking(
 
 /// `POST /bookings`: books or holds seats, all or nothing.
 #[utoipa::path(post, path = "/bookings", request_body = NewBooking,
-    params(("Idempotency-Key" = Option<String>, Header, description = "retry-safe key, up to 255 characters")),
-    responses((status = 201, body = BookingView),
-        (status = 400, description = "the body is not JSON"),
-        (status = 413, description = "the body is over the size limit"),
-        (status = 415, description = "the body is not `application/json`"),
-        (status = 404, description = "unknown show"),
-        (status = 409, description = "seats unavailable (`unavailable_seats`), or the same key in flight"),
-        (status = 422, description = "bad seat list (`unknown_seats`), or the key reused with another body"),
-        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+        description = "retry-safe key, 1 to 255 visible ASCII characters")),
+    responses((status = 201, body = BookingView, headers(("Location" = String, description = "the booking's path"), ("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
+        (status = 404, description = "unknown show", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "seats unavailable (`unavailable_seats`), or the same key in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad seat list (`unknown_seats`), or the key reused with another body", body = Problem, content_type = "application/problem+json"),
+        WriteProblems))]
+#[tracing::instrument(skip_all, fields(show_id = %body.show_id, booking_id = tracing::field::Empty))]
 pub async fn place_booking(
     State(sales): State<Sales>,
     headers: HeaderMap,
@@ -249,6 +312,7 @@ pub async fn place_booking(
         seats: labels.clone(),
         hold_for: body.hold.then_some(hold_for),
     };
+    tracing::Span::current().record("booking_id", tracing::field::display(order.booking_id));
     if !malformed.is_empty() {
         // Malformed labels are unknown seats too, reported with the show's.
         let mut unknown = malformed;
@@ -351,10 +415,12 @@ async fn enter_gate(
 }
 
 /// `POST /bookings/{id}/confirm`: buys a held booking.
-#[utoipa::path(post, path = "/bookings/{id}/confirm", params(("id" = String, Path)),
-    responses((status = 200, body = BookingView), (status = 404, description = "unknown booking"),
-        (status = 409, description = "expired or cancelled (`booking_status`)"),
-        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
+#[utoipa::path(post, path = "/bookings/{id}/confirm", params(("id" = String, Path, format = Uuid)),
+    responses((status = 200, body = BookingView, headers(("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
+        (status = 404, description = "unknown booking", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "expired or cancelled (`booking_status`)", body = Problem, content_type = "application/problem+json"),
+        ActionProblems))]
+#[tracing::instrument(skip_all, fields(booking_id = %id))]
 pub async fn confirm_booking(
     State(sales): State<Sales>,
     Path(id): Path<String>,
@@ -363,10 +429,12 @@ pub async fn confirm_booking(
 }
 
 /// `POST /bookings/{id}/cancel`: cancels a booking and frees its seats.
-#[utoipa::path(post, path = "/bookings/{id}/cancel", params(("id" = String, Path)),
-    responses((status = 200, body = BookingView), (status = 404, description = "unknown booking"),
-        (status = 409, description = "expired (`booking_status`)"),
-        (status = 503, description = "Postgres unreachable, or the write kept meeting others; retry after `Retry-After`")))]
+#[utoipa::path(post, path = "/bookings/{id}/cancel", params(("id" = String, Path, format = Uuid)),
+    responses((status = 200, body = BookingView, headers(("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
+        (status = 404, description = "unknown booking", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "expired (`booking_status`)", body = Problem, content_type = "application/problem+json"),
+        ActionProblems))]
+#[tracing::instrument(skip_all, fields(booking_id = %id))]
 pub async fn cancel_booking(
     State(sales): State<Sales>,
     Path(id): Path<String>,
@@ -428,6 +496,48 @@ pub async fn readyz(
 #[openapi(
     info(title = "ticketing command-api", version = "1"),
     paths(create_show, place_booking, confirm_booking, cancel_booking),
-    components(schemas(NewShow, NewSection, NewRow, ShowCreated, NewBooking, BookingView))
+    components(schemas(
+        NewShow,
+        NewSection,
+        NewRow,
+        ShowCreated,
+        NewBooking,
+        BookingView,
+        Problem
+    ))
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use utoipa::OpenApi;
+
+    /// The limits the document states are the ones the domain enforces.
+    #[test]
+    fn the_document_states_the_limits_the_domain_enforces() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).expect("a JSON document");
+        let schema = |name: &str| doc["components"]["schemas"][name]["properties"].clone();
+        let show = schema("NewShow");
+        assert_eq!(show["name"]["maxLength"], ShowName::MAX_CHARS);
+        assert_eq!(show["venue"]["maxLength"], VenueName::MAX_CHARS);
+        assert_eq!(
+            schema("NewSection")["name"]["maxLength"],
+            SectionName::MAX_CHARS
+        );
+        assert_eq!(
+            schema("NewRow")["seats"]["maximum"],
+            domain::show::MAX_SEATS_PER_SHOW
+        );
+        assert_eq!(
+            schema("NewBooking")["seats"]["maxItems"],
+            domain::box_office::MAX_SEATS_PER_BOOKING
+        );
+        let key = doc["paths"]["/bookings"]["post"]["parameters"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "Idempotency-Key"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(key["schema"]["maxLength"], crate::idempotency::MAX_KEY_LEN);
+    }
+}

@@ -7,12 +7,11 @@ use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Extension, Router};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use axum::{middleware, Extension, Router};
+use service_kit::connect::PoolSettings;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
@@ -21,6 +20,9 @@ use crate::routes;
 use crate::sales::Sales;
 use crate::settings::Settings;
 use crate::sweeper;
+
+/// Longest a request may take before it is answered 503.
+pub const REQUEST_TIME_LIMIT: Duration = Duration::from_secs(30);
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -41,13 +43,14 @@ pub fn router(sales: Sales, relay: RelayStatus) -> Router {
             "/openapi.json",
             get(|| async { axum::Json(routes::ApiDoc::openapi()) }),
         )
+        .fallback(service_kit::problem::no_such_route)
+        .method_not_allowed_fallback(service_kit::problem::no_such_method)
         .layer(Extension(relay))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(30),
-        ))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(|request, next| {
+            service_kit::http::within(REQUEST_TIME_LIMIT, request, next)
+        }))
+        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span))
         .with_state(sales)
 }
 
@@ -56,44 +59,15 @@ pub fn router(sales: Sales, relay: RelayStatus) -> Router {
 /// # Errors
 /// When the URL is malformed or Postgres does not answer in time.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = settings
-        .database_url
-        .parse::<PgConnectOptions>()
-        .context("DATABASE_URL is not a Postgres URL")?
-        // A generic plan cached while `events` was small stays a sequential
-        // scan until the table is analyzed, and where autovacuum is off that
-        // is never: each load then costs O(log size) (measured: 2091 events/s
-        // fell to 183/s at 80,000 events). A custom plan sees the table as
-        // it is. A transaction left open by a stray client holds back the
-        // relay of every process (it publishes only below the oldest open
-        // transaction): one idle in its transaction for 30 s is ended.
-        .options([
-            ("plan_cache_mode", "force_custom_plan"),
-            ("idle_in_transaction_session_timeout", "30s"),
-        ]);
-    let target = format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("")
-    );
-    let startup = Duration::from_secs(settings.startup_timeout_secs);
-    tokio::time::timeout(startup, options.connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within {startup:?}"))
-        .and_then(|connected| Ok(connected?))
-        .with_context(|| format!("postgres at {target} is unreachable"))?;
-    tracing::info!(%target, "connected to postgres");
-    // Lazy from here on: a Postgres outage later is a 503 to the requests it
-    // hits, and the pool reconnects by itself when Postgres is back.
-    Ok(PgPoolOptions::new()
-        .max_connections(settings.max_connections)
-        // A ping before every use is a round trip per command; a broken
-        // connection fails its statement instead, which is a 503 the client
-        // retries, and the pool replaces it.
-        .test_before_acquire(false)
-        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
-        .connect_lazy_with(options))
+    Ok(service_kit::connect::postgres_pool(
+        &settings.database_url,
+        PoolSettings {
+            max_connections: settings.max_connections,
+            acquire_timeout: Duration::from_secs(settings.acquire_timeout_secs),
+            startup_timeout: Duration::from_secs(settings.startup_timeout_secs),
+        },
+    )
+    .await?)
 }
 
 /// Applies the migrations.

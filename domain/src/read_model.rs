@@ -56,9 +56,95 @@ pub const GENERATION_POINTER: &str = "current";
 /// section of a stadium is still a few dozen documents read in one range.
 pub const BLOCK_SEATS: u32 = 250;
 
+/// Collection (not generation-specific) of each generation's consumer
+/// offsets, one document per generation.
+pub const OFFSETS: &str = "read_model_offsets";
+/// Collection of the events the projector set aside (per generation).
+pub const PARKED: &str = "parked";
+
 /// The name of `collection` in read-model generation `generation`.
 pub fn collection_name(generation: u32, collection: &str) -> String {
-    format!("g{generation}_{collection}")
+    format!("{}_{collection}", generation_prefix(generation))
+}
+
+/// `g{n}`: what every collection of generation `n` starts with, and the
+/// `_id` of its document in [`OFFSETS`].
+pub fn generation_prefix(generation: u32) -> String {
+    format!("g{generation}")
+}
+
+/// The generation a collection name of [`collection_name`] belongs to.
+pub fn generation_of_collection(name: &str) -> Option<u32> {
+    let (number, _) = name.strip_prefix('g')?.split_once('_')?;
+    number.parse().ok()
+}
+
+/// A generation number as the pointer and offsets documents hold it: an
+/// integer of any width as this project writes it, or a whole double, as a
+/// MongoDB shell writes one by hand. Generations count from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct GenerationNumber(pub u32);
+
+impl<'de> Deserialize<'de> for GenerationNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Number;
+        impl serde::de::Visitor<'_> for Number {
+            type Value = GenerationNumber;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a whole number from 1")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .map(GenerationNumber)
+                    .ok_or_else(|| E::custom(format!("{n} is not a generation")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(-1))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+                if n.fract() == 0.0 && (1.0..=f64::from(u32::MAX)).contains(&n) {
+                    // Whole and in range: the cast is exact.
+                    Ok(GenerationNumber(n as u32))
+                } else {
+                    Err(E::custom(format!("{n} is not a generation")))
+                }
+            }
+        }
+        d.deserialize_any(Number)
+    }
+}
+
+/// Field paths inside the documents, built in one place so that the writer
+/// and the readers cannot spell them differently.
+pub mod paths {
+    /// A seat of a block document: `seats.{label}`.
+    pub fn seat(label: impl std::fmt::Display) -> String {
+        format!("seats.{label}")
+    }
+
+    /// The sequence of a seat of a block document: `seats.{label}.q`.
+    pub fn seat_sequence(label: impl std::fmt::Display) -> String {
+        format!("seats.{label}.q")
+    }
+
+    /// The hold of a seat in a block's `holds`: `holds.{label}`.
+    pub fn hold(label: impl std::fmt::Display) -> String {
+        format!("holds.{label}")
+    }
+
+    /// The next offset of a partition in an offsets document:
+    /// `next.{partition}`.
+    pub fn next_offset(partition: i32) -> String {
+        format!("next.{partition}")
+    }
+
+    /// The `_id` of a parked message: `{partition}:{offset}`.
+    pub fn parked_id(partition: i32, offset: i64) -> String {
+        format!("{partition}:{offset}")
+    }
 }
 
 /// Formats a time the way every document and answer carries it.

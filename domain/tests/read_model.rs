@@ -399,3 +399,39 @@ proptest! {
         prop_assert_eq!(fold(&delivered), fold(&log));
     }
 }
+
+#[test]
+fn a_generation_number_is_read_from_any_whole_number_from_one() {
+    use domain::read_model::GenerationNumber;
+    let read = |json: &str| {
+        serde_json::from_str::<GenerationNumber>(json)
+            .ok()
+            .map(|n| n.0)
+    };
+    assert_eq!(read("7"), Some(7));
+    assert_eq!(read("7.0"), Some(7));
+    assert_eq!(read("4294967295"), Some(u32::MAX));
+    for refused in [
+        "0",
+        "-1",
+        "0.0",
+        "7.5",
+        "4294967296",
+        "1e12",
+        "\"7\"",
+        "null",
+    ] {
+        assert_eq!(read(refused), None, "{refused}");
+    }
+}
+
+#[test]
+fn a_collection_name_gives_its_generation_back() {
+    use domain::read_model::{collection_name, generation_of_collection, BLOCKS};
+    assert_eq!(
+        generation_of_collection(&collection_name(12, BLOCKS)),
+        Some(12)
+    );
+    assert_eq!(generation_of_collection("read_model_offsets"), None);
+    assert_eq!(generation_of_collection("gx_blocks"), None);
+}

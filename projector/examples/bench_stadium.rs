@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clap::Parser;
-use domain::read_model::{BlockDoc, Models, SeatChange, ShowDoc};
+use domain::read_model::{self, BlockDoc, Models, SeatChange, ShowDoc};
 use domain::PublishedEvent;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
@@ -451,11 +451,11 @@ async fn bare_writes(store: &ReadStore, log: &[PublishedEvent]) -> anyhow::Resul
             let mut set = Document::new();
             for label in seats.keys() {
                 set.insert(
-                    format!("seats.{label}"),
+                    read_model::paths::seat(label),
                     mongodb::bson::to_bson(&block.seats[label])?,
                 );
                 if let Some(expires_at) = block.holds.get(label) {
-                    set.insert(format!("holds.{label}"), expires_at.clone());
+                    set.insert(read_model::paths::hold(label), expires_at.clone());
                 }
             }
             writes.push(

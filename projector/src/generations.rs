@@ -26,15 +26,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use domain::read_model::{collection_name, GENERATIONS, GENERATION_POINTER};
+use domain::read_model::{self, GENERATIONS, GENERATION_POINTER, OFFSETS};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
 
 use crate::store::StoreError;
-
-/// Collection of the offsets documents, one per generation.
-pub const OFFSETS: &str = "read_model_offsets";
 
 /// How long a lease or a replay's claim lasts unless renewed.
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
@@ -140,12 +137,9 @@ fn later(duration: Duration) -> DateTime {
 }
 
 fn generation_of(value: Option<&Bson>) -> Option<u32> {
-    match value? {
-        Bson::Int32(n) => u32::try_from(*n).ok(),
-        Bson::Int64(n) => u32::try_from(*n).ok(),
-        Bson::Double(n) if n.fract() == 0.0 && *n >= 0.0 => Some(*n as u32),
-        _ => None,
-    }
+    mongodb::bson::from_bson::<read_model::GenerationNumber>(value?.clone())
+        .ok()
+        .map(|n| n.0)
 }
 
 fn int_of(value: Option<&Bson>) -> Option<i64> {
@@ -495,11 +489,7 @@ impl Generations {
         let names = self.database.list_collection_names().await?;
         Ok(names
             .iter()
-            .filter_map(|name| {
-                let rest = name.strip_prefix('g')?;
-                let (number, _) = rest.split_once('_')?;
-                number.parse().ok()
-            })
+            .filter_map(|name| read_model::generation_of_collection(name))
             .collect())
     }
 
@@ -576,7 +566,7 @@ impl Generations {
         };
         let mut max = Document::new();
         for (partition, offset) in next {
-            max.insert(format!("next.{partition}"), *offset);
+            max.insert(read_model::paths::next_offset(*partition), *offset);
         }
         let mut update = doc! { "$set": { "epoch": epoch }, "$inc": { "saves": 1_i64 } };
         if !max.is_empty() {
@@ -645,9 +635,7 @@ impl Generations {
 
 /// `_id` of a generation's offsets document: its collections' prefix.
 fn offsets_id(generation: u32) -> String {
-    collection_name(generation, "")
-        .trim_end_matches('_')
-        .to_owned()
+    read_model::generation_prefix(generation)
 }
 
 #[cfg(test)]

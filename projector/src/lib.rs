@@ -7,4 +7,5 @@ pub mod generations;
 pub mod health;
 pub mod live;
 pub mod replay;
+pub mod startup;
 pub mod store;

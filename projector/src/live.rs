@@ -38,7 +38,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
+use service_kit::backoff::{pause, Backoff};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::generations::{Generations, Lease, Offsets, Saved, LEASE_TTL, RENEW_EVERY};
 use crate::store::{ReadStore, Received, StoreError};
@@ -328,7 +330,7 @@ impl Projection {
                         self.put_switch_off();
                     }
                     Err(error) => {
-                        tracing::warn!("switching to generation {to} failed; retrying: {error:#}");
+                        tracing::warn!(to, error = %format_args!("{error:#}"), "switching generations failed; retrying");
                         self.status
                             .update(|r| r.last_error = Some(format!("{error:#}")));
                         self.put_switch_off();
@@ -488,8 +490,10 @@ impl Projection {
             }
             let before = state.parked_shows.len();
             let applying = Instant::now();
+            let span = batch.span(generation);
             if !self
                 .apply(generation, &batch, &mut state.parked_shows, stop)
+                .instrument(span.clone())
                 .await
             {
                 return Ok(Ended::Stopped);
@@ -505,6 +509,7 @@ impl Projection {
             };
             match self
                 .save(generation, epoch, &state.next, &newly, saves, stop)
+                .instrument(span.clone())
                 .await
             {
                 Some(Saved::Saved(count)) => saves = Some(count),
@@ -534,13 +539,13 @@ impl Projection {
                 }
                 None => return Ok(Ended::Stopped),
             }
-            tracing::debug!(
-                generation,
-                events = batch.received.len(),
-                apply_ms = applied_in.as_secs_f64() * 1e3,
-                save_ms = (applying.elapsed() - applied_in).as_secs_f64() * 1e3,
-                "batch applied"
-            );
+            span.in_scope(|| {
+                tracing::debug!(
+                    apply_ms = applied_in.as_secs_f64() * 1e3,
+                    save_ms = (applying.elapsed() - applied_in).as_secs_f64() * 1e3,
+                    "batch applied"
+                );
+            });
             let parked = state.parked_shows.clone();
             self.status.update(|r| r.parked_shows = parked);
         }
@@ -574,7 +579,7 @@ impl Projection {
         parked_shows: &mut BTreeSet<String>,
         stop: &CancellationToken,
     ) -> bool {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::default();
         loop {
             match self
                 .store
@@ -593,10 +598,9 @@ impl Projection {
                 }
                 Err(error) => {
                     self.failed(&error);
-                    if !pause(stop, backoff).await {
+                    if !backoff.wait(stop).await {
                         return false;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -627,7 +631,7 @@ impl Projection {
         saves: Option<i64>,
         stop: &CancellationToken,
     ) -> Option<Saved> {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::default();
         loop {
             match self
                 .generations
@@ -637,10 +641,9 @@ impl Projection {
                 Ok(saved) => return Some(saved),
                 Err(error) => {
                     self.failed(&error);
-                    if !pause(stop, backoff).await {
+                    if !backoff.wait(stop).await {
                         return None;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -794,7 +797,9 @@ impl Feed {
                     return Ok(Some(Self { consumer }));
                 }
                 Ok(_) => tracing::warn!(topic = %settings.topic, "no such topic yet; waiting"),
-                Err(error) => tracing::warn!("cannot read the event topic's partitions: {error:#}"),
+                Err(error) => {
+                    tracing::warn!(error = %format_args!("{error:#}"), "cannot read the event topic's partitions")
+                }
             }
             if !pause(stop, Duration::from_secs(1)).await {
                 return Ok(None);
@@ -869,6 +874,31 @@ struct Batch {
 }
 
 impl Batch {
+    /// The span of the batch's work: its generation, how many events, and
+    /// the offsets it holds of each partition (`partition:first-last`).
+    fn span(&self, generation: u32) -> tracing::Span {
+        let mut first: BTreeMap<i32, i64> = BTreeMap::new();
+        let held = self
+            .received
+            .iter()
+            .map(|r| (r.partition, r.offset))
+            .chain(self.undecodable.iter().map(|(p, o, _)| (*p, *o)));
+        for (partition, offset) in held {
+            let lowest = first.entry(partition).or_insert(offset);
+            *lowest = (*lowest).min(offset);
+        }
+        let offsets = self
+            .offsets
+            .iter()
+            .map(|(partition, last)| {
+                let from = first.get(partition).copied().unwrap_or(*last);
+                format!("{partition}:{from}-{last}")
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        tracing::info_span!("batch", generation, events = self.received.len(), offsets)
+    }
+
     fn add(&mut self, message: &impl Message) {
         let (partition, offset) = (message.partition(), message.offset());
         self.offsets.insert(partition, offset);
@@ -909,13 +939,5 @@ impl Batch {
                     .push((partition, offset, "an empty message".to_owned()));
             }
         }
-    }
-}
-
-/// Sleeps `delay` unless stopped first. False when stopped.
-pub async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
-    tokio::select! {
-        () = stop.cancelled() => false,
-        () = tokio::time::sleep(delay) => true,
     }
 }

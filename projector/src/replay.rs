@@ -31,8 +31,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::generations::{Generations, LEASE_TTL, RENEW_EVERY};
-use crate::live::{keep_lease, pause, ConsumerSettings, Ended, Goal, Projection};
+use crate::live::{keep_lease, ConsumerSettings, Ended, Goal, Projection};
 use crate::store::ReadStore;
+use service_kit::backoff::pause;
 
 /// Most catch-up rounds before the replay asks for the switch.
 const CATCH_UP_ROUNDS: u32 = 20;

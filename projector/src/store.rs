@@ -24,18 +24,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use domain::read_model::{
-    self, BlockDoc, BookingDoc, Counts, Models, SeatChange, SeatDoc, ShowDoc, Target, BLOCKS,
-    BOOKINGS, SHOWS, TALLIES,
+    self, paths, BlockDoc, BookingDoc, Counts, Models, SeatChange, SeatDoc, ShowDoc, Target,
+    BLOCKS, BOOKINGS, PARKED, SHOWS, TALLIES,
 };
 use domain::PublishedEvent;
 use mongodb::bson::{doc, DateTime, Document};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::generations::Generations;
-
-/// Collection (per generation) of parked events.
-pub const PARKED: &str = "parked";
 
 /// Why a batch could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +47,9 @@ pub enum StoreError {
     /// Another replay or projector holds what this one needs.
     #[error("{0}")]
     Busy(String),
+    /// `MONGODB_URI` is not usable.
+    #[error(transparent)]
+    Connect(#[from] service_kit::connect::ConnectError),
 }
 
 impl StoreError {
@@ -62,7 +62,7 @@ impl StoreError {
             // Two writers at once (one about to lose its lease): the next
             // attempt, after a pause, finds one of them gone.
             Self::Contended(_) => true,
-            Self::Busy(_) => false,
+            Self::Busy(_) | Self::Connect(_) => false,
         }
     }
 }
@@ -98,6 +98,7 @@ pub struct Received {
 #[derive(Debug, Clone)]
 pub struct ReadStore {
     client: Client,
+    hosts: String,
     database: Database,
     /// Show documents by generation and id: written once, read by every
     /// batch that touches their seats.
@@ -133,17 +134,20 @@ impl ReadStore {
     /// # Errors
     /// A malformed URI.
     pub async fn connect(uri: &str, name: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let mut options = ClientOptions::parse(uri).await?;
-        options.server_selection_timeout = Some(timeout);
-        options.connect_timeout = Some(timeout);
-        let client = Client::with_options(options)?;
+        let (client, hosts) = service_kit::connect::mongodb_client(uri, timeout).await?;
         let database = client.database(name);
         Ok(Self {
             client,
+            hosts,
             database,
             shows: Arc::default(),
             seats: Arc::default(),
         })
+    }
+
+    /// The servers it talks to, for logs (never credentials).
+    pub fn hosts(&self) -> &str {
+        &self.hosts
     }
 
     /// The database.
@@ -380,7 +384,7 @@ impl ReadStore {
             .iter()
             .map(|r| {
                 doc! {
-                    "_id": format!("{}:{}", r.partition, r.offset),
+                    "_id": paths::parked_id(r.partition, r.offset),
                     "show_id": r.event.show_id.to_string(),
                     "partition": r.partition,
                     "offset": r.offset,
@@ -415,7 +419,7 @@ impl ReadStore {
         reason: &str,
     ) -> Result<(), StoreError> {
         let parked = doc! {
-            "_id": format!("{partition}:{offset}"),
+            "_id": paths::parked_id(partition, offset),
             "partition": partition,
             "offset": offset,
             "reason": reason,
@@ -775,20 +779,20 @@ impl ReadStore {
             set.insert("touched", true);
             inc.insert("w", 1_i64);
             for (label, change) in changes {
-                filter.insert(format!("seats.{label}.q"), change.before.sequence);
+                filter.insert(paths::seat_sequence(label), change.before.sequence);
                 let Some(after) = block.seats.get(label) else {
                     continue;
                 };
                 set.insert(
-                    format!("seats.{label}"),
+                    paths::seat(label),
                     mongodb::bson::to_bson(after).map_err(mongodb::error::Error::from)?,
                 );
                 match block.holds.get(label) {
                     Some(expires_at) => {
-                        set.insert(format!("holds.{label}"), expires_at.clone());
+                        set.insert(paths::hold(label), expires_at.clone());
                     }
                     None => {
-                        unset.insert(format!("holds.{label}"), "");
+                        unset.insert(paths::hold(label), "");
                     }
                 }
             }

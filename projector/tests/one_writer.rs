@@ -487,7 +487,7 @@ async fn a_database_wiped_under_a_running_projector_is_rebuilt_from_the_topic() 
     // lease starts far below.
     read.store
         .database()
-        .collection::<mongodb::bson::Document>(projector::generations::OFFSETS)
+        .collection::<mongodb::bson::Document>(domain::read_model::OFFSETS)
         .insert_one(doc! { "_id": "g1", "epoch": 40_i64, "saves": 1_i64, "next": {} })
         .await?;
     for n in 1..=5 {

@@ -19,7 +19,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line with the whole cause chain, not a backtrace.
-            tracing::error!("query-api stopped: {error:#}");
+            tracing::error!(error = %format_args!("{error:#}"), "query-api stopped");
             ExitCode::FAILURE
         }
     }

@@ -1,8 +1,9 @@
-//! Errors of the read side, answered as RFC 9457 problem documents.
+//! Errors of the read side, answered as RFC 9457 problem documents written
+//! by [`service_kit::problem`].
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use service_kit::problem::Problem;
 
 /// Why a read was not answered.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +78,6 @@ impl QueryError {
 
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
-        let status = self.status();
         if let Self::Unavailable(error) = &self {
             tracing::warn!(%error, "mongodb unavailable");
         }
@@ -86,24 +86,12 @@ impl IntoResponse for QueryError {
             Self::Unavailable(_) => "the read models cannot be reached; retry shortly".to_owned(),
             other => other.to_string(),
         };
-        let body = json!({
-            "type": format!("/problems/{}", self.kind()),
-            "title": self.title(),
-            "status": status.as_u16(),
-            "detail": detail,
-        });
-        let mut response = (status, body.to_string()).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if matches!(
-            self,
-            Self::Unavailable(_) | Self::NotYetConsistent(_) | Self::Busy
-        ) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let problem = Problem::new(self.status(), self.kind(), self.title(), detail);
+        match self {
+            Self::Unavailable(_) | Self::NotYetConsistent(_) | Self::Busy => {
+                problem.retry_after(1).into_response()
+            }
+            _ => problem.into_response(),
         }
-        response
     }
 }

@@ -10,13 +10,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use domain::read_model::{BlockDoc, BookingDoc, SeatDoc, ShowDoc, BOOKINGS, SHOWS};
+use domain::read_model::{self, BlockDoc, BookingDoc, SeatDoc, ShowDoc, BOOKINGS, SHOWS};
 use domain::{BookingId, ConsistencyToken, SeatStatus, ShowId, UserId, CONSISTENCY_HEADER};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use mongodb::options::FindOptions;
 use mongodb::Collection;
 use serde::{Deserialize, Serialize};
+use service_kit::problem::Problem;
 use tokio::time::Instant;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -49,7 +50,8 @@ pub const DEFAULT_BOOKINGS_PAGE: i64 = 500;
         Availability,
         SectionCounts,
         BookingView,
-        BookingList
+        BookingList,
+        Problem
     ))
 )]
 pub struct ApiDoc;
@@ -204,6 +206,49 @@ pub struct BookingList {
     pub next: Option<String>,
 }
 
+/// The headers every read takes.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct ReadHeaders {
+    /// A token from a command-api answer: the read waits until the read
+    /// models hold that write (up to `CONSISTENCY_WAIT_MS`).
+    #[param(rename = "X-Consistency-Token")]
+    x_consistency_token: Option<String>,
+    /// An `ETag` of an earlier answer: 304 when the answer is still the same.
+    #[param(rename = "If-None-Match")]
+    if_none_match: Option<String>,
+}
+
+/// The answers every read may give besides its own.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ReadProblems {
+    /// The answer is the one the client has.
+    #[response(
+        status = 304,
+        description = "`If-None-Match` holds the answer's `ETag`"
+    )]
+    NotModified,
+    /// A malformed query parameter or consistency token.
+    #[response(
+        status = 400,
+        description = "malformed `limit`, `after` or `X-Consistency-Token`",
+        content_type = "application/problem+json"
+    )]
+    BadRequest(Problem),
+    /// The read models are unreachable or slow, or too many reads wait.
+    #[response(status = 503, description = "read models unreachable, or too many reads waiting for \
+        their writes; retry after `Retry-After`", content_type = "application/problem+json",
+        headers(("Retry-After" = u32, description = "seconds")))]
+    Unavailable(Problem),
+    /// The token's write did not reach the read models in time.
+    #[response(status = 504, description = "the read models did not reach the token's write \
+        in time; retry after `Retry-After`", content_type = "application/problem+json",
+        headers(("Retry-After" = u32, description = "seconds")))]
+    NotYetConsistent(Problem),
+}
+
 /// `?section=` of the availability.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -220,6 +265,7 @@ pub struct Page {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// The cursor of the page before, as its `next` link carries it.
+    #[param(pattern = r"^-?[0-9]+\.[0-9a-fA-F-]{36}$")]
     pub after: Option<String>,
 }
 
@@ -249,10 +295,9 @@ impl Page {
 }
 
 /// `GET /shows`: shows by start time, a page at a time.
-#[utoipa::path(get, path = "/shows", params(Page),
-    responses((status = 200, body = ShowList), (status = 304, description = "the client's ETag matches"),
-        (status = 400, description = "malformed `limit` or `after`"),
-        (status = 503, description = "read models unreachable")))]
+#[utoipa::path(get, path = "/shows", params(Page, ReadHeaders),
+    responses((status = 200, body = ShowList, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
+        ReadProblems))]
 pub async fn list_shows(
     State(reads): State<Reads>,
     page: Result<Query<Page>, QueryRejection>,
@@ -343,12 +388,10 @@ fn page_after<T>(items: &mut Vec<T>, limit: i64, link: impl Fn(&T) -> String) ->
 }
 
 /// `GET /shows/{id}`: the show with its sections and counts.
-#[utoipa::path(get, path = "/shows/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = ShowView), (status = 304, description = "the client's ETag matches"),
-        (status = 404, description = "unknown show"),
-        (status = 400, description = "malformed consistency token"),
-        (status = 504, description = "the read models did not reach the token's write in time"),
-        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
+#[utoipa::path(get, path = "/shows/{id}", params(("id" = String, Path, format = Uuid), ReadHeaders),
+    responses((status = 200, body = ShowView, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
+        (status = 404, description = "unknown show", body = Problem, content_type = "application/problem+json"),
+        ReadProblems))]
 pub async fn show(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -400,12 +443,11 @@ pub async fn show(
 }
 
 /// `GET /shows/{id}/availability`: counts and every seat's status.
-#[utoipa::path(get, path = "/shows/{id}/availability", params(("id" = String, Path), SectionFilter),
-    responses((status = 200, body = Availability), (status = 304, description = "the client's ETag matches"),
-        (status = 404, description = "unknown show or section"),
-        (status = 400, description = "malformed consistency token"),
-        (status = 504, description = "the read models did not reach the token's write in time"),
-        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
+#[utoipa::path(get, path = "/shows/{id}/availability",
+    params(("id" = String, Path, format = Uuid), SectionFilter, ReadHeaders),
+    responses((status = 200, body = Availability, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
+        (status = 404, description = "unknown show or section", body = Problem, content_type = "application/problem+json"),
+        ReadProblems))]
 pub async fn availability(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -503,12 +545,10 @@ pub async fn availability(
 }
 
 /// `GET /bookings/{id}`.
-#[utoipa::path(get, path = "/bookings/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = BookingView), (status = 304, description = "the client's ETag matches"),
-        (status = 404, description = "unknown booking"),
-        (status = 400, description = "malformed consistency token"),
-        (status = 504, description = "the read models did not reach the token's write in time"),
-        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
+#[utoipa::path(get, path = "/bookings/{id}", params(("id" = String, Path, format = Uuid), ReadHeaders),
+    responses((status = 200, body = BookingView, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
+        (status = 404, description = "unknown booking", body = Problem, content_type = "application/problem+json"),
+        ReadProblems))]
 pub async fn booking(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -538,12 +578,11 @@ pub async fn booking(
 }
 
 /// `GET /users/{id}/bookings`: newest first, a page at a time.
-#[utoipa::path(get, path = "/users/{id}/bookings", params(("id" = String, Path), Page),
-    responses((status = 200, body = BookingList), (status = 304, description = "the client's ETag matches"),
-        (status = 404, description = "malformed user id"),
-        (status = 400, description = "malformed `limit` or `after`, or consistency token"),
-        (status = 504, description = "the read models did not reach the token's writes in time"),
-        (status = 503, description = "read models unreachable, or too many reads waiting for tokens")))]
+#[utoipa::path(get, path = "/users/{id}/bookings",
+    params(("id" = String, Path, format = Uuid), Page, ReadHeaders),
+    responses((status = 200, body = BookingList, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
+        (status = 404, description = "malformed user id", body = Problem, content_type = "application/problem+json"),
+        ReadProblems))]
 pub async fn user_bookings(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -766,7 +805,7 @@ async fn wait_for_show(reads: &Reads, token: &ConsistencyToken) -> Result<(), Qu
     for (block, seats) in by_block {
         let fields = seats
             .iter()
-            .map(|(label, _)| format!("seats.{label}.q"))
+            .map(|(label, _)| read_model::paths::seat_sequence(label))
             .collect();
         reads
             .waits

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::read_model::{
@@ -20,8 +19,7 @@ use domain::read_model::{
 };
 use domain::TokenKey;
 use mongodb::bson::{doc, Document};
-use mongodb::options::ClientOptions;
-use mongodb::{Client, Collection, Database};
+use mongodb::{Collection, Database};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -302,19 +300,14 @@ impl Reads {
 
 /// A generation number as stored: an integer of any width.
 fn generation_of(value: Option<&mongodb::bson::Bson>) -> Option<u32> {
-    use mongodb::bson::Bson;
-    match value? {
-        Bson::Int32(n) => u32::try_from(*n).ok(),
-        Bson::Int64(n) => u32::try_from(*n).ok(),
-        Bson::Double(n) if n.fract() == 0.0 && *n >= 1.0 && *n <= f64::from(u32::MAX) => {
-            Some(*n as u32)
-        }
-        _ => None,
-    }
+    mongodb::bson::from_bson::<read_model::GenerationNumber>(value?.clone())
+        .ok()
+        .map(|n| n.0)
 }
 
 /// The routes, for the server and for tests.
 pub fn router(reads: Reads) -> Router {
+    let limit = reads.request_timeout();
     Router::new()
         .route("/shows", get(routes::list_shows))
         .route("/shows/{id}", get(routes::show))
@@ -327,28 +320,16 @@ pub fn router(reads: Reads) -> Router {
             "/openapi.json",
             get(|| async { Json(routes::ApiDoc::openapi()) }),
         )
-        .fallback(|| async { QueryError::NotFound("resource") })
-        .layer(middleware::from_fn_with_state(
-            reads.clone(),
-            bounded_request,
-        ))
-        .layer(TraceLayer::new_for_http())
+        .fallback(service_kit::problem::no_such_route)
+        .method_not_allowed_fallback(service_kit::problem::no_such_method)
+        // A read that takes longer than its token wait and a few MongoDB
+        // operations is a 503 problem with `Retry-After`, so that no request
+        // outlives the grace a replaced generation is kept for.
+        .layer(middleware::from_fn(move |request, next| {
+            service_kit::http::within(limit, request, next)
+        }))
+        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span))
         .with_state(reads)
-}
-
-/// Bounds every request: a read that takes longer than its token wait and
-/// a few MongoDB operations is a 503 problem with `Retry-After`, so that no
-/// request outlives the grace a replaced generation is kept for.
-async fn bounded_request(State(reads): State<Reads>, request: Request, next: Next) -> Response {
-    let limit = reads.request_timeout();
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => QueryError::Unavailable(format!(
-            "the read took longer than {} ms",
-            limit.as_millis()
-        ))
-        .into_response(),
-    }
 }
 
 /// `GET /readyz`: 200 while MongoDB answers, else 503.
@@ -374,15 +355,12 @@ impl App {
     /// # Errors
     /// Unreachable MongoDB, malformed URI, address in use.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let mut options = ClientOptions::parse(&settings.mongodb_uri)
-            .await
-            .context("MONGODB_URI is not a MongoDB URI")?;
-        let hosts: Vec<String> = options.hosts.iter().map(ToString::to_string).collect();
-        options.server_selection_timeout = Some(Duration::from_millis(settings.mongodb_timeout_ms));
-        options.connect_timeout = Some(Duration::from_millis(settings.mongodb_timeout_ms));
-        let database = Client::with_options(options)
-            .context("invalid MongoDB client options")?
-            .database(&settings.mongodb_database);
+        let (client, hosts) = service_kit::connect::mongodb_client(
+            &settings.mongodb_uri,
+            Duration::from_millis(settings.mongodb_timeout_ms),
+        )
+        .await?;
+        let database = client.database(&settings.mongodb_database);
         let token_key = TokenKey::new(settings.consistency_key.as_bytes().to_vec())
             .context("CONSISTENCY_KEY is too short")?;
         if settings.consistency_key == domain::consistency::DEVELOPMENT_KEY {
@@ -406,12 +384,14 @@ impl App {
         let startup = Duration::from_secs(settings.startup_timeout_secs);
         let mut connected = reads.refresh().await;
         let started = std::time::Instant::now();
+        let mut backoff = service_kit::backoff::Backoff::default();
+        let never = tokio_util::sync::CancellationToken::new();
         while connected.is_err() && started.elapsed() < startup {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            backoff.wait(&never).await;
             connected = reads.refresh().await;
         }
-        connected.with_context(|| format!("mongodb at {} is unreachable", hosts.join(",")))?;
-        tracing::info!(hosts = %hosts.join(","), "connected to mongodb");
+        connected.with_context(|| format!("mongodb at {hosts} is unreachable"))?;
+        tracing::info!(%hosts, "connected to mongodb");
         let listener = TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.addr))?;

@@ -1,0 +1,173 @@
+//! Wiring: settings in, a running projection (with its health server) or a
+//! replay out. `main.rs` only parses the command line and logs the outcome.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use service_kit::connect::PoolSettings;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::live::{ConsumerSettings, Projection};
+use crate::replay::{self, ReplaySettings};
+use crate::store::ReadStore;
+
+/// Settings, from the command line or the environment.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "projector", version, about)]
+pub struct Settings {
+    /// What to do; projecting the topic when none is named.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The topic and consumer group.
+    #[command(flatten)]
+    pub consumer: ConsumerSettings,
+    /// MongoDB holding the read models.
+    #[arg(long, env = "MONGODB_URI", default_value = "mongodb://127.0.0.1:27017")]
+    pub mongodb_uri: String,
+    /// Database of the read models.
+    #[arg(long, env = "MONGODB_DATABASE", default_value = "ticketing")]
+    pub mongodb_database: String,
+    /// Address of `/healthz` and `/readyz`.
+    #[arg(long, env = "PROJECTOR_ADDR", default_value = "127.0.0.1:8083")]
+    pub addr: SocketAddr,
+    /// How long to wait for each store at start-up before giving up, and
+    /// for MongoDB on each operation afterwards.
+    #[arg(long, env = "STARTUP_TIMEOUT_SECS", default_value_t = 10)]
+    pub startup_timeout_secs: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+/// What the process does.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Project the topic into the current generation (the default).
+    Run,
+    /// Rebuild every read model from the Postgres log into a new generation,
+    /// catch up with the topic, switch the query side to it, then exit.
+    Replay(ReplaySettings),
+}
+
+impl Settings {
+    fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.startup_timeout_secs)
+    }
+}
+
+/// The read models' store, once MongoDB has answered.
+///
+/// # Errors
+/// A malformed URI, or MongoDB silent for `startup_timeout_secs`.
+pub async fn read_store(settings: &Settings) -> anyhow::Result<ReadStore> {
+    let store = ReadStore::connect(
+        &settings.mongodb_uri,
+        &settings.mongodb_database,
+        settings.startup_timeout(),
+    )
+    .await?;
+    store
+        .ping()
+        .await
+        .with_context(|| format!("mongodb at {} is unreachable", store.hosts()))?;
+    Ok(store)
+}
+
+/// Runs what `settings.command` names until it ends or `stop` fires.
+///
+/// # Errors
+/// An unreachable store, an address in use, a failed replay.
+pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
+    match settings.command.clone() {
+        Some(Command::Replay(replay_settings)) => replay(settings, replay_settings, stop).await,
+        Some(Command::Run) | None => App::build(settings).await?.run_until_stopped(stop).await,
+    }
+}
+
+/// `projector replay`: rebuilds the read models into a new generation.
+///
+/// # Errors
+/// An unreachable store, or a replay that fails.
+pub async fn replay(
+    settings: Settings,
+    replay_settings: ReplaySettings,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = read_store(&settings).await?;
+    let pool = service_kit::connect::postgres_pool(
+        &replay_settings.database_url,
+        PoolSettings {
+            max_connections: 2,
+            acquire_timeout: settings.startup_timeout(),
+            startup_timeout: settings.startup_timeout(),
+        },
+    )
+    .await?;
+    let report = replay::replay(&store, &pool, &settings.consumer, &replay_settings, &stop).await?;
+    tracing::info!(
+        from = report.from,
+        to = report.to,
+        events = report.events,
+        through = %report.through,
+        log_secs = report.log_secs,
+        total_secs = report.total_secs,
+        "replay done"
+    );
+    Ok(())
+}
+
+/// A projection with its health server, bound and ready to run.
+pub struct App {
+    projection: Projection,
+    store: ReadStore,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl App {
+    /// Connects to MongoDB and binds the health address.
+    ///
+    /// # Errors
+    /// An unreachable MongoDB, an address in use.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = read_store(&settings).await?;
+        let listener = TcpListener::bind(settings.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.addr))?;
+        let addr = listener.local_addr()?;
+        Ok(Self {
+            projection: Projection::new(settings.consumer, store.clone()),
+            store,
+            listener,
+            addr,
+        })
+    }
+
+    /// The address `/healthz` and `/readyz` answer on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Projects until `stop`, answering health checks meanwhile.
+    ///
+    /// # Errors
+    /// When the projection or the health server fails.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let health = crate::health::router(self.store, self.projection.status());
+        let http_stop = stop.clone();
+        let listener = self.listener;
+        let http = tokio::spawn(async move {
+            axum::serve(listener, health)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+        });
+        tracing::info!(addr = %self.addr, "projector running");
+        let projected = self.projection.run(stop.clone()).await;
+        stop.cancel();
+        http.await.context("health task failed")??;
+        projected
+    }
+}
