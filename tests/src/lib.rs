@@ -13,6 +13,7 @@ use sqlx::{ConnectOptions, PgPool};
 use uuid::Uuid;
 
 pub mod cluster;
+pub mod http;
 pub mod kafka;
 pub mod log_order;
 pub mod openapi;

@@ -1,4 +1,4 @@
-//! `docker-compose.yml`, the `Dockerfile` and the README's configuration
+//! `docker-compose.yml`, the `Dockerfile` and docs/configuration.md
 //! table, checked against what the release binaries actually read (their
 //! `--help` lists every variable). Docker itself cannot run on this machine,
 //! so this is the compose file's test: parsed, not started.
@@ -221,8 +221,8 @@ fn compose_runs_every_service_wired_as_make_up_wires_it() -> anyhow::Result<()> 
 }
 
 #[test]
-fn the_readme_lists_every_variable_the_services_read() -> anyhow::Result<()> {
-    let readme = repo_file("README.md")?;
+fn the_configuration_document_lists_every_variable_the_services_read() -> anyhow::Result<()> {
+    let readme = repo_file("docs/configuration.md")?;
     let documented: BTreeSet<String> = readme
         .lines()
         .filter_map(|line| line.strip_prefix("| `"))
@@ -236,7 +236,7 @@ fn the_readme_lists_every_variable_the_services_read() -> anyhow::Result<()> {
     let missing: Vec<&String> = read.difference(&documented).collect();
     assert!(
         missing.is_empty(),
-        "README's configuration lacks {missing:?}"
+        "docs/configuration.md lacks {missing:?}"
     );
     Ok(())
 }

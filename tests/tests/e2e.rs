@@ -13,37 +13,9 @@ use rand::seq::IndexedRandom;
 use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use ticketing_tests::http::Answer;
 use ticketing_tests::system::{Service, System, SystemSettings};
 use uuid::Uuid;
-
-/// An answer: status, JSON body, and the consistency token of a write.
-struct Answer {
-    status: StatusCode,
-    body: Value,
-    token: Option<String>,
-    content_type: String,
-}
-
-async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
-    let status = response.status();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let token = header("x-consistency-token");
-    let content_type = header("content-type").unwrap_or_default();
-    let text = response.text().await?;
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok(Answer {
-        status,
-        body,
-        token,
-        content_type,
-    })
-}
 
 async fn post(
     system: &System,
@@ -58,7 +30,7 @@ async fn post(
     if let Some(key) = key {
         request = request.header("Idempotency-Key", key);
     }
-    answer(request.send().await?).await
+    Answer::of(request.send().await?).await
 }
 
 /// `POST /bookings` without an Idempotency-Key.
@@ -79,7 +51,7 @@ async fn get(system: &System, path: &str, token: Option<&str>) -> anyhow::Result
     if let Some(token) = token {
         request = request.header("X-Consistency-Token", token);
     }
-    answer(request.send().await?).await
+    Answer::of(request.send().await?).await
 }
 
 /// The OpenAPI document the service at `base` serves.
@@ -120,7 +92,7 @@ async fn create_show(system: &System, rows: &[(&str, u32)]) -> anyhow::Result<(S
         .as_str()
         .context("no show_id")?
         .to_owned();
-    Ok((id, created.token.context("no consistency token")?))
+    Ok((id, created.token().context("no consistency token")?))
 }
 
 fn booking(show: &str, user: &str, seats: &[&str], hold: bool) -> Value {
@@ -193,7 +165,7 @@ async fn a_buyer_books_holds_confirms_and_cancels() -> anyhow::Result<()> {
     let read = get(
         &system,
         &format!("/bookings/{first}"),
-        bought.token.as_deref(),
+        bought.token().as_deref(),
     )
     .await?;
     assert_eq!(read.status, StatusCode::OK, "{}", read.body);
@@ -205,20 +177,25 @@ async fn a_buyer_books_holds_confirms_and_cancels() -> anyhow::Result<()> {
     assert_eq!(held.body["status"], "held");
     assert!(held.body["expires_at"].is_string(), "{}", held.body);
     let second = booking_id(&held)?;
-    let now = seats(&system, &show, held.token.as_deref().context("token")?).await?;
+    let now = seats(&system, &show, held.token().as_deref().context("token")?).await?;
     assert_eq!(seats_with(&now, "booked"), labels(&["A1", "A2"]));
     assert_eq!(seats_with(&now, "held"), labels(&["B1"]));
     assert_eq!(now.len(), 30);
 
     let confirmed = twice(&system, &second, "confirm").await?;
     assert_eq!(confirmed.body["status"], "confirmed");
-    let now = seats(&system, &show, confirmed.token.as_deref().context("token")?).await?;
+    let now = seats(
+        &system,
+        &show,
+        confirmed.token().as_deref().context("token")?,
+    )
+    .await?;
     assert_eq!(seats_with(&now, "booked"), labels(&["A1", "A2", "B1"]));
     assert!(seats_with(&now, "held").is_empty());
 
     let cancelled = twice(&system, &first, "cancel").await?;
     assert_eq!(cancelled.body["status"], "cancelled");
-    let token = cancelled.token.context("token")?;
+    let token = cancelled.token().context("token")?;
     let now = seats(&system, &show, &token).await?;
     assert_eq!(seats_with(&now, "booked"), labels(&["B1"]));
     assert_eq!(seats_with(&now, "available").len(), 29);
@@ -261,7 +238,7 @@ async fn a_lapsed_hold_frees_its_seat_for_the_next_buyer() -> anyhow::Result<()>
     let held = book(&system, &booking(&show, &user(), &["A1"], true)).await?;
     assert_eq!(held.status, StatusCode::CREATED, "{}", held.body);
     let id = booking_id(&held)?;
-    let token = held.token.context("token")?;
+    let token = held.token().context("token")?;
     assert_eq!(seats(&system, &show, &token).await?["A1"], "held");
     let rival = book(&system, &booking(&show, &user(), &["A1"], false)).await?;
     assert_eq!(
@@ -285,7 +262,9 @@ async fn a_lapsed_hold_frees_its_seat_for_the_next_buyer() -> anyhow::Result<()>
     .await?;
     assert_eq!(late.status, StatusCode::CONFLICT, "{}", late.body);
     assert_eq!(late.body["booking_status"], "expired");
-    assert!(late.content_type.starts_with("application/problem+json"));
+    assert!(late
+        .header("content-type")
+        .starts_with("application/problem+json"));
     let cancel = post(&system, &format!("/bookings/{id}/cancel"), &json!({}), None).await?;
     assert_eq!(cancel.status, StatusCode::CONFLICT, "{}", cancel.body);
 
@@ -296,7 +275,7 @@ async fn a_lapsed_hold_frees_its_seat_for_the_next_buyer() -> anyhow::Result<()>
         "the lapsed seat sells: {}",
         next.body
     );
-    let now = seats(&system, &show, next.token.as_deref().context("token")?).await?;
+    let now = seats(&system, &show, next.token().as_deref().context("token")?).await?;
     assert_eq!(now["A1"], "booked");
     system.stop().await
 }
@@ -328,7 +307,9 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
     assert_eq!(won.len(), 1, "exactly one buyer gets A1 and A2");
     for lost in answers.iter().filter(|a| a.status != StatusCode::CREATED) {
         assert_eq!(lost.status, StatusCode::CONFLICT, "{}", lost.body);
-        assert!(lost.content_type.starts_with("application/problem+json"));
+        assert!(lost
+            .header("content-type")
+            .starts_with("application/problem+json"));
         assert_eq!(lost.body["unavailable_seats"], json!(["A1", "A2"]));
     }
     let overlap = book(&system, &booking(&show, &user(), &["A2", "A3"], false)).await?;
@@ -362,7 +343,7 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
         "{}",
         reused.body
     );
-    let token = first.token.clone().context("token")?;
+    let token = first.token().context("token")?;
     let mine = get(&system, &format!("/users/{buyer}/bookings"), Some(&token)).await?;
     assert_eq!(
         mine.body["bookings"].as_array().map(Vec::len),
@@ -388,12 +369,12 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
     let cases = [
         (
             BOOK,
-            answer(raw("{\"show_id\":", "application/json").await?).await?,
+            Answer::of(raw("{\"show_id\":", "application/json").await?).await?,
             StatusCode::BAD_REQUEST,
         ),
         (
             BOOK,
-            answer(raw("{}", "text/plain").await?).await?,
+            Answer::of(raw("{}", "text/plain").await?).await?,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ),
         (
@@ -454,9 +435,11 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
     for (i, (_, answer, expected)) in cases.iter().enumerate() {
         assert_eq!(answer.status, *expected, "case {i}: {}", answer.body);
         assert!(
-            answer.content_type.starts_with("application/problem+json"),
+            answer
+                .header("content-type")
+                .starts_with("application/problem+json"),
             "case {i}: {}",
-            answer.content_type
+            answer.header("content-type")
         );
         assert_eq!(answer.body["status"], expected.as_u16(), "case {i}");
     }

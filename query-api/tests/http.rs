@@ -1,0 +1,147 @@
+//! query-api's HTTP contract for what goes wrong, against a real MongoDB
+//! (SecantusDB, or whatever `MONGODB_URI` names): every refusal is a problem
+//! document of the status its OpenAPI document lists, and nothing reaches
+//! the read models.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use ticketing_tests::http::Answer;
+use ticketing_tests::{mongodb_uri, unique_name};
+use tokio_util::sync::CancellationToken;
+
+async fn start() -> anyhow::Result<(String, CancellationToken)> {
+    let settings = query_api::startup::Settings {
+        mongodb_uri: mongodb_uri(),
+        mongodb_database: unique_name("query_http"),
+        addr: "127.0.0.1:0".parse()?,
+        startup_timeout_secs: 10,
+        mongodb_timeout_ms: 2_000,
+        consistency_wait_ms: 200,
+        consistency_max_waiters: 100,
+        consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        log_json: false,
+    };
+    let app = query_api::startup::App::build(settings).await?;
+    let base = format!("http://{}", app.addr()?);
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run_until(stop.clone()));
+    Ok((base, stop))
+}
+
+/// A request that must be refused, and how.
+struct Case {
+    method: &'static str,
+    path: String,
+    /// Its route in the OpenAPI document, when it has one.
+    route: Option<&'static str>,
+    header: Option<(&'static str, &'static str)>,
+    status: StatusCode,
+    /// The problem's `type`, after `/problems/`.
+    kind: &'static str,
+}
+
+#[tokio::test]
+async fn every_refusal_is_a_problem_its_document_lists() -> anyhow::Result<()> {
+    let (base, stop) = start().await?;
+    let http = reqwest::Client::new();
+    let show = uuid::Uuid::new_v4();
+    let case = |method, path: &str, route, header, status, kind| Case {
+        method,
+        path: path.to_owned(),
+        route,
+        header,
+        status,
+        kind,
+    };
+    let cases = [
+        case(
+            "GET",
+            "/no/such/thing",
+            None,
+            None,
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+        case(
+            "POST",
+            "/shows",
+            None,
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+        ),
+        case(
+            "GET",
+            "/shows?limit=abc",
+            Some("/shows"),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad-query",
+        ),
+        case(
+            "GET",
+            "/shows?limit=0",
+            Some("/shows"),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad-query",
+        ),
+        case(
+            "GET",
+            "/shows?after=nonsense",
+            Some("/shows"),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad-query",
+        ),
+        case(
+            "GET",
+            &format!("/shows/{show}"),
+            Some("/shows/{id}"),
+            Some(("x-consistency-token", "garbage")),
+            StatusCode::BAD_REQUEST,
+            "bad-consistency-token",
+        ),
+        case(
+            "GET",
+            "/users/not-a-uuid/bookings",
+            Some("/users/{id}/bookings"),
+            None,
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+    ];
+    let doc: Value = http
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    for Case {
+        method,
+        path,
+        route,
+        header,
+        status,
+        kind,
+    } in &cases
+    {
+        let mut request = http.request(method.parse()?, format!("{base}{path}"));
+        if let Some((name, value)) = header {
+            request = request.header(*name, *value);
+        }
+        let answer = Answer::of(request.send().await?).await?;
+        answer
+            .is_problem(*status, kind)
+            .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))?;
+        if let Some(route) = route {
+            let listed = &doc["paths"][route]["get"]["responses"][status.as_str()];
+            assert!(
+                listed["content"]["application/problem+json"].is_object(),
+                "{route} does not list {status} as a problem document"
+            );
+        }
+    }
+    stop.cancel();
+    Ok(())
+}
