@@ -37,11 +37,12 @@ release:
 test: infra tools lint release
 	cargo nextest run --workspace --all-targets --no-fail-fast
 
-# The test runner and the shell linter, installed once when this machine
-# lacks them.
+# The test runner, the shell linter and the OpenAPI checkers, installed once
+# when this machine lacks them.
 tools:
 	cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 	command -v shellcheck >/dev/null || scripts/infra.sh apt shellcheck
+	scripts/infra.sh api-checkers
 
 lint: tools
 	shellcheck scripts/*.sh .ci/run

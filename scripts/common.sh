@@ -1,8 +1,32 @@
 # shellcheck shell=bash
-# Pid files, shared by infra.sh and services.sh (sourced; the caller defines
-# `log`). A recorded pid counts only while its command line still names the
-# program: after a reboot the number may belong to a process that is not ours,
-# which must never be stopped.
+# What infra.sh and services.sh both need, defined once (sourced, after the
+# caller sets LOG_NAME and WAIT_SECS): logging, ports, waiting, pid files.
+#
+# A recorded pid counts only while its command line still names the
+# program: after a reboot the number may belong to a process that is not
+# ours, which must never be stopped.
+
+log() { printf '%s: %s\n' "$LOG_NAME" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# port_open HOST:PORT: true when something accepts TCP connections there.
+port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
+
+# wait_for PIDFILE NAME CHECK...: runs CHECK every 0.1 s until it succeeds
+# (returns 0), the process recorded in PIDFILE is gone (2; an empty PIDFILE
+# is never gone), or WAIT_SECS pass (1).
+wait_for() {
+  local pidfile=$1 name=$2 i
+  shift 2
+  for ((i = 0; i < WAIT_SECS * 10; i++)); do
+    "$@" && return 0
+    if [[ -n $pidfile ]] && ! running_pid "$pidfile" "$name" >/dev/null; then
+      return 2
+    fi
+    sleep 0.1
+  done
+  return 1
+}
 
 # running_pid PIDFILE NAME: prints the pid while it is alive and its command
 # line contains NAME (a zombie has none, so it does not count).

@@ -7,37 +7,36 @@
 # Idempotent: a second `up` reuses whatever already answers. `down` stops only
 # what this script started (by the pids it recorded), nothing else.
 #
-# Usage: scripts/infra.sh up|down|status|apt PACKAGE...
+# Usage: scripts/infra.sh up|down|status|apt PACKAGE...|api-checkers
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DATA="$ROOT/.data"
 TANSU_VERSION=0.6.0
 SECANTUS_VERSION=0.7.0b3
+# The OpenAPI validator and the API fuzzer `make test` runs against both
+# services' documents, pinned, in their own virtualenv.
+API_CHECKERS=(openapi-spec-validator==0.9.0 schemathesis==4.32.5)
+API_CHECKERS_VENV="$DATA/api-checkers"
 PG_PORT=5432
 KAFKA_PORT=9092
 MONGO_PORT=27017
 PG_DATABASE=${PG_DATABASE:-ticketing}
 WAIT_SECS=${INFRA_WAIT_SECS:-60}
 
-log() { printf 'infra: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-# shellcheck source=scripts/pids.sh
-source "$ROOT/scripts/pids.sh"
+LOG_NAME=infra
+# shellcheck source=scripts/common.sh
+source "$ROOT/scripts/common.sh"
 
-# True when something accepts TCP connections on 127.0.0.1:$1.
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-wait_for_port() { # name port pidfile
-  local name=$1 port=$2 pidfile=${3:-} i
-  for ((i = 0; i < WAIT_SECS * 10; i++)); do
-    port_open "$port" && return 0
-    if [[ -n $pidfile && -f $pidfile ]] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      die "$name exited during start-up; see its log in $DATA"
-    fi
-    sleep 0.1
-  done
-  die "$name did not answer on 127.0.0.1:$port within ${WAIT_SECS}s; see its log in $DATA"
+# wait_for_port NAME PORT [PIDFILE PROCESS]: until 127.0.0.1:PORT answers.
+wait_for_port() {
+  local name=$1 port=$2 status=0
+  wait_for "${3:-}" "${4:-}" port_open "127.0.0.1:$port" || status=$?
+  case $status in
+    0) ;;
+    2) die "$name exited during start-up; see its log in $DATA" ;;
+    *) die "$name did not answer on 127.0.0.1:$port within ${WAIT_SECS}s; see its log in $DATA" ;;
+  esac
 }
 
 # The newest Postgres version with a cluster configuration (empty if none).
@@ -69,12 +68,8 @@ postgres_up() {
     pg_ctlcluster --skip-systemctl-redirect "$version" main start
     touch "$DATA/postgres.started-by-project"
   fi
-  local i
-  for ((i = 0; i < WAIT_SECS * 10; i++)); do
-    pg_isready -q -h 127.0.0.1 -p "$PG_PORT" && break
-    sleep 0.1
-  done
-  pg_isready -q -h 127.0.0.1 -p "$PG_PORT" || die "Postgres did not answer on 127.0.0.1:$PG_PORT"
+  wait_for "" "" pg_isready -q -h 127.0.0.1 -p "$PG_PORT" ||
+    die "Postgres did not answer on 127.0.0.1:$PG_PORT within ${WAIT_SECS}s"
   local exists
   exists=$(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname = '$PG_DATABASE'")
@@ -96,7 +91,7 @@ tansu_up() {
   fi
   local pidfile="$DATA/tansu/tansu.pid"
   mkdir -p "$DATA/tansu"
-  if running_pid "$pidfile" "tansu" >/dev/null || port_open "$KAFKA_PORT"; then
+  if running_pid "$pidfile" "tansu" >/dev/null || port_open "127.0.0.1:$KAFKA_PORT"; then
     wait_for_port tansu "$KAFKA_PORT"
     [[ -f $DATA/tansu/tansu.db ]] && tansu_index_headers
     log "kafka (tansu) already up on 127.0.0.1:$KAFKA_PORT"
@@ -112,7 +107,7 @@ tansu_up() {
       >>tansu.log 2>&1 </dev/null &
     echo $! >tansu.pid
   )
-  wait_for_port tansu "$KAFKA_PORT" "$pidfile"
+  wait_for_port tansu "$KAFKA_PORT" "$pidfile" tansu
   tansu_index_headers
   log "kafka (tansu) started on 127.0.0.1:$KAFKA_PORT, log in $DATA/tansu/tansu.log"
 }
@@ -145,7 +140,7 @@ secantus_up() {
   fi
   local pidfile="$DATA/secantus/secantus.pid"
   mkdir -p "$DATA/secantus"
-  if running_pid "$pidfile" "secantus" >/dev/null || port_open "$MONGO_PORT"; then
+  if running_pid "$pidfile" "secantus" >/dev/null || port_open "127.0.0.1:$MONGO_PORT"; then
     wait_for_port secantusdb "$MONGO_PORT"
     log "mongodb (secantusdb) already up on 127.0.0.1:$MONGO_PORT"
     return
@@ -157,8 +152,21 @@ secantus_up() {
       >>secantus.log 2>&1 </dev/null &
     echo $! >secantus.pid
   )
-  wait_for_port secantusdb "$MONGO_PORT" "$pidfile"
+  wait_for_port secantusdb "$MONGO_PORT" "$pidfile" secantus
   log "mongodb (secantusdb) started on 127.0.0.1:$MONGO_PORT, log in $DATA/secantus/secantus.log"
+}
+
+# Installs API_CHECKERS once, and again only when the pins change.
+api_checkers_up() {
+  local stamp="$API_CHECKERS_VENV/pins" wanted="${API_CHECKERS[*]}"
+  if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
+    return 0
+  fi
+  log "installing ${API_CHECKERS[*]} into $API_CHECKERS_VENV"
+  rm -rf "$API_CHECKERS_VENV"
+  python3 -m venv "$API_CHECKERS_VENV"
+  "$API_CHECKERS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${API_CHECKERS[@]}"
+  printf '%s' "$wanted" >"$stamp"
 }
 
 case ${1:-} in
@@ -182,13 +190,17 @@ case ${1:-} in
     shift
     apt_install "$@"
     ;;
+  api-checkers)
+    mkdir -p "$DATA"
+    api_checkers_up
+    ;;
   status)
     for entry in "postgres $PG_PORT" "kafka $KAFKA_PORT" "mongodb $MONGO_PORT"; do
       read -r name port <<<"$entry"
-      if port_open "$port"; then log "$name up on 127.0.0.1:$port"; else log "$name down (127.0.0.1:$port)"; fi
+      if port_open "127.0.0.1:$port"; then log "$name up on 127.0.0.1:$port"; else log "$name down (127.0.0.1:$port)"; fi
     done
     ;;
   *)
-    die "usage: $0 up|down|status|apt PACKAGE..."
+    die "usage: $0 up|down|status|apt PACKAGE...|api-checkers"
     ;;
 esac

@@ -11,8 +11,8 @@
 # Idempotent: `up` leaves a running service alone. `down` stops only the
 # processes whose pids `up` recorded.
 #
-# Every setting the services read can be set in the environment (README,
-# "Configuration"); the addresses below are passed on to them.
+# Every setting the services read can be set in the environment (docs/configuration.md);
+# the addresses below are passed on to them.
 #
 # Usage: scripts/services.sh up|down|status
 set -euo pipefail
@@ -41,14 +41,11 @@ COMMAND_URL="http://$COMMAND_API_ADDR"
 QUERY_URL="http://$QUERY_API_ADDR"
 PROJECTOR_URL="http://$PROJECTOR_ADDR"
 
-log() { printf 'services: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-# shellcheck source=scripts/pids.sh
-source "$ROOT/scripts/pids.sh"
+LOG_NAME=services
+# shellcheck source=scripts/common.sh
+source "$ROOT/scripts/common.sh"
 
 service_pid() { running_pid "$DIR/$1.pid" "/$1"; } # name -> pid while it runs
-
-port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 
 # start NAME ADDR ARGS...: runs the binary in the background unless it runs.
 start() {
@@ -58,7 +55,7 @@ start() {
     log "$name already running (pid $(service_pid "$name"))"
     return
   fi
-  port_open "$addr" && die "$addr is taken by another process; stop it or set the address (README, Configuration)"
+  port_open "$addr" && die "$addr is taken by another process; stop it or set the address (docs/configuration.md)"
   [[ -x $BIN/$name ]] || die "$BIN/$name is missing: run \`make up\`, which builds it"
   nohup "$BIN/$name" "$@" >>"$DIR/$name.log" 2>&1 </dev/null &
   echo $! >"$DIR/$name.pid"
@@ -68,17 +65,20 @@ start() {
 # wait_ready NAME URL [PATTERN]: until URL/readyz is 200 (and its body
 # matches PATTERN), failing early if the process died.
 wait_ready() {
-  local name=$1 url=$2 pattern=${3:-} i body
-  for ((i = 0; i < WAIT_SECS * 10; i++)); do
-    if body=$(curl -fsS --max-time 2 "$url/readyz" 2>/dev/null) && [[ $body == *"$pattern"* ]]; then
-      log "$name ready at $url"
-      return 0
-    fi
-    service_pid "$name" >/dev/null || die "$name exited during start-up; last lines of $DIR/$name.log:
-$(tail -n 5 "$DIR/$name.log")"
-    sleep 0.1
-  done
-  die "$name was not ready within ${WAIT_SECS}s; see $DIR/$name.log"
+  local name=$1 url=$2 pattern=${3:-} status=0
+  wait_for "$DIR/$name.pid" "/$name" ready_at "$url" "$pattern" || status=$?
+  case $status in
+    0) log "$name ready at $url" ;;
+    2) die "$name exited during start-up; last lines of $DIR/$name.log:
+$(tail -n 5 "$DIR/$name.log")" ;;
+    *) die "$name was not ready within ${WAIT_SECS}s; see $DIR/$name.log" ;;
+  esac
+}
+
+# ready_at URL PATTERN: URL/readyz answers 200 with PATTERN in its body.
+ready_at() {
+  local body
+  body=$(curl -fsS --max-time 2 "$1/readyz" 2>/dev/null) && [[ $body == *"$2"* ]]
 }
 
 # The demo show, created once per event log.
