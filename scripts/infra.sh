@@ -163,6 +163,8 @@ api_checkers_up() {
     return 0
   fi
   log "installing ${API_CHECKERS[*]} into $API_CHECKERS_VENV"
+  # Debian's python3 makes virtualenvs only with its python3-venv package.
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
   rm -rf "$API_CHECKERS_VENV"
   python3 -m venv "$API_CHECKERS_VENV"
   "$API_CHECKERS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${API_CHECKERS[@]}"

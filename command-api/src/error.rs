@@ -146,6 +146,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(_: axum::extract::rejection::PathRejection) -> Self {
+        Self::NotFound("booking")
+    }
+}
+
 impl From<LogError> for ApiError {
     fn from(error: LogError) -> Self {
         match &error {

@@ -1,7 +1,7 @@
-//! The command endpoints of API.md: request bodies parsed into domain
+//! The command endpoints of docs/api.md: request bodies parsed into domain
 //! types, commands run through [`Sales`], answers shaped as the contract says.
 
-use axum::extract::{FromRequest, Path, State};
+use axum::extract::{FromRequest, FromRequestParts, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::Extension;
 use domain::{
@@ -27,6 +27,12 @@ use crate::sales::{Decided, Order, Sales, Settle};
 #[derive(Debug, FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct Json<T>(pub T);
+
+/// `Path` whose rejection (an id that is not UTF-8) is a 404 problem: a
+/// malformed id names no booking.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
 
 /// `POST /shows` body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -163,8 +169,10 @@ pub struct ShowCreated {
     params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
         description = "retry-safe key, 1 to 255 visible ASCII characters")),
     responses((status = 201, body = ShowCreated, headers(("Location" = String, description = "the show's path"), ("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
-        (status = 409, description = "the same key in flight", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u32))),
-        (status = 422, description = "a rule of the seat map is broken, or the key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the same key in flight (`in_progress`)", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "seconds"))),
+        (status = 422, description = "a member missing, unknown or of the wrong type (`bad-body`); a rule of the \
+            seat map broken (`invalid-request`); a malformed `Idempotency-Key`, or one reused with another body", body = Problem, content_type = "application/problem+json"),
         WriteProblems))]
 #[tracing::instrument(skip_all, fields(show_id = tracing::field::Empty))]
 pub async fn create_show(
@@ -291,8 +299,11 @@ fn parse_booking(
         description = "retry-safe key, 1 to 255 visible ASCII characters")),
     responses((status = 201, body = BookingView, headers(("Location" = String, description = "the booking's path"), ("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
         (status = 404, description = "unknown show", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "seats unavailable (`unavailable_seats`), or the same key in flight", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "bad seat list (`unknown_seats`), or the key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "seats unavailable (`unavailable_seats`), or the same key in flight \
+            (`in_progress`, with `Retry-After`)", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "seconds, when in flight"))),
+        (status = 422, description = "a member missing, unknown or of the wrong type (`bad-body`); an id that is \
+            not a UUID, a seat list that is empty, too long, repeats a seat or names seats the show lacks \
+            (`unknown_seats`); a malformed `Idempotency-Key`, or one reused with another body", body = Problem, content_type = "application/problem+json"),
         WriteProblems))]
 #[tracing::instrument(skip_all, fields(show_id = %body.show_id, booking_id = tracing::field::Empty))]
 pub async fn place_booking(
@@ -417,7 +428,7 @@ async fn enter_gate(
 /// `POST /bookings/{id}/confirm`: buys a held booking.
 #[utoipa::path(post, path = "/bookings/{id}/confirm", params(("id" = String, Path, format = Uuid)),
     responses((status = 200, body = BookingView, headers(("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
-        (status = 404, description = "unknown booking", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown or malformed booking id", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "expired or cancelled (`booking_status`)", body = Problem, content_type = "application/problem+json"),
         ActionProblems))]
 #[tracing::instrument(skip_all, fields(booking_id = %id))]
@@ -431,7 +442,7 @@ pub async fn confirm_booking(
 /// `POST /bookings/{id}/cancel`: cancels a booking and frees its seats.
 #[utoipa::path(post, path = "/bookings/{id}/cancel", params(("id" = String, Path, format = Uuid)),
     responses((status = 200, body = BookingView, headers(("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
-        (status = 404, description = "unknown booking", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown or malformed booking id", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "expired (`booking_status`)", body = Problem, content_type = "application/problem+json"),
         ActionProblems))]
 #[tracing::instrument(skip_all, fields(booking_id = %id))]
@@ -460,7 +471,7 @@ async fn settle(sales: &Sales, id: &str, action: Settle) -> Result<Reply, ApiErr
         .await
 }
 
-/// Lets the client read its own write from the query side (API.md,
+/// Lets the client read its own write from the query side (docs/api.md,
 /// "Consistency"). Stored with the answer, so a keyed retry gets it too.
 fn with_token(reply: &mut Reply, signed: &str) {
     // Ids, labels, numbers and hex only: always a valid header value.

@@ -402,3 +402,47 @@ async fn every_connection_plans_for_the_table_as_it_is() -> anyhow::Result<()> {
     pool.close().await;
     db.drop_database().await
 }
+
+/// What no route takes is a problem document too: an unknown path, a
+/// method a path does not take, a booking id that is not even text.
+#[tokio::test]
+async fn paths_and_methods_no_route_takes_are_problems() -> anyhow::Result<()> {
+    use reqwest::StatusCode;
+    use ticketing_tests::http::Answer;
+    let app = TestApp::spawn().await?;
+    let cases = [
+        ("POST", "/no/such/thing", StatusCode::NOT_FOUND, "not-found"),
+        (
+            "GET",
+            "/bookings",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+        ),
+        (
+            "POST",
+            "/bookings/%FF/confirm",
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+        (
+            "POST",
+            "/bookings/7f1d3c3e8a4b4f7e9d592d3c1b0a9e11/cancel",
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+    ];
+    for (method, path, status, kind) in cases {
+        let request = app
+            .client
+            .request(method.parse()?, format!("{}{path}", app.base));
+        Answer::of(request.send().await?)
+            .await?
+            .is_problem(status, kind)
+            .map_err(|e| anyhow::anyhow!("{method} {path}: {e}"))?;
+    }
+    ensure!(
+        check_log(&app.db.pool).await?.events == 0,
+        "a refused request wrote an event"
+    );
+    app.stop().await
+}

@@ -59,11 +59,18 @@ macro_rules! uuid_id {
         impl FromStr for $name {
             type Err = IdError;
 
+            /// Only the hyphenated form (`8-4-4-4-12` hex digits), the one
+            /// ids are written in: one spelling per id, as the OpenAPI
+            /// documents' `format: uuid` says.
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Uuid::parse_str(s).map(Self).map_err(|_| IdError::NotAUuid {
+                let bad = || IdError::NotAUuid {
                     what: $what,
                     value: s.to_owned(),
-                })
+                };
+                if s.len() != 36 {
+                    return Err(bad());
+                }
+                Uuid::parse_str(s).map(Self).map_err(|_| bad())
             }
         }
 
@@ -249,6 +256,14 @@ impl<'de> Deserialize<'de> for SeatId {
     }
 }
 
+/// A character that does not make a name: Rust's white space, and what the
+/// regular expression engines of schema validators also count as white
+/// space in `\s` (the byte order mark; the information separators), so that
+/// a name a validator finds blank is blank here too.
+fn is_blank(c: char) -> bool {
+    c.is_whitespace() || c == '\u{feff}' || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
 macro_rules! text_name {
     ($(#[$doc:meta])* $name:ident, $what:literal, $max:literal) => {
         $(#[$doc])*
@@ -263,10 +278,12 @@ macro_rules! text_name {
             /// Checks the name; surrounding blanks are trimmed.
             ///
             /// # Errors
-            /// [`IdError::BadName`] when it is blank or longer than `MAX_CHARS`.
+            /// [`IdError::BadName`] when it is blank or longer than `MAX_CHARS`
+            /// as given (blanks included, as a JSON schema's `maxLength`
+            /// counts).
             pub fn new(name: &str) -> Result<Self, IdError> {
-                let trimmed = name.trim();
-                if trimmed.is_empty() || trimmed.chars().count() > $max {
+                let trimmed = name.trim_matches(is_blank);
+                if trimmed.is_empty() || name.chars().count() > $max {
                     Err(IdError::BadName { what: $what, max: $max })
                 } else {
                     Ok(Self(trimmed.to_owned()))
@@ -362,6 +379,13 @@ mod tests {
         );
         assert!(ShowName::new("   ").is_err());
         assert!(ShowName::new(&"x".repeat(201)).is_err());
+        // Counted as given, as the document's maxLength counts.
+        assert!(ShowName::new(&format!(" {} ", "x".repeat(199))).is_err());
+        assert!(ShowName::new(&"x".repeat(200)).is_ok());
+        // Blank to any validator's `\s`, blank here.
+        for blank in ["\u{feff}", "\u{1c}\u{1f}", "\u{85}", "\u{3000}\t"] {
+            assert!(ShowName::new(blank).is_err(), "{blank:?} was accepted");
+        }
     }
 
     #[test]
@@ -373,5 +397,15 @@ mod tests {
                 ..
             })
         ));
+        // One spelling per id: the hyphenated form only.
+        let id = "7f1d3c3e-8a4b-4f7e-9d59-2d3c1b0a9e11";
+        assert!(id.parse::<ShowId>().is_ok());
+        for other in [
+            "7f1d3c3e8a4b4f7e9d592d3c1b0a9e11",
+            "{7f1d3c3e-8a4b-4f7e-9d59-2d3c1b0a9e11}",
+            "urn:uuid:7f1d3c3e-8a4b-4f7e-9d59-2d3c1b0a9e11",
+        ] {
+            assert!(other.parse::<ShowId>().is_err(), "{other} was accepted");
+        }
     }
 }

@@ -20,6 +20,12 @@ pub fn router(store: ReadStore, status: Status) -> Router {
     Router::new()
         .route("/healthz", get(|| async { StatusCode::OK }))
         .route("/readyz", get(readyz))
+        .fallback(service_kit::problem::no_such_route)
+        .method_not_allowed_fallback(service_kit::problem::no_such_method)
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(service_kit::http::request_span),
+        )
         .with_state(Health { store, status })
 }
 

@@ -234,7 +234,7 @@ impl Projection {
                          blocks of another size); run `projector replay` to build the read \
                          models anew, this projector writes nothing until then"
                     );
-                    tracing::error!("{message}");
+                    tracing::error!(generation, "{message}");
                     self.status.update(|r| {
                         r.role = Role::Standby;
                         r.last_error = Some(message);

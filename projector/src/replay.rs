@@ -132,13 +132,13 @@ pub async fn replay(
                     p.current != to && p.building.as_ref().is_none_or(|b| b.generation != to)
                 }),
                 Err(cleanup) => {
-                    tracing::warn!(%cleanup, "could not give the claim up; it lapses by itself");
+                    tracing::warn!(error = %cleanup, "could not give the claim up; it lapses by itself");
                     false
                 }
             };
             if droppable {
                 if let Err(cleanup) = store.drop_generation(to).await {
-                    tracing::warn!(%cleanup, "could not drop the half-built generation; the next replay does");
+                    tracing::warn!(error = %cleanup, "could not drop the half-built generation; the next replay does");
                 }
             } else if generations.pointer().await.is_ok_and(|p| p.current == to) {
                 tracing::info!(

@@ -83,7 +83,7 @@ pub async fn read_store(settings: &Settings) -> anyhow::Result<ReadStore> {
 pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
     match settings.command.clone() {
         Some(Command::Replay(replay_settings)) => replay(settings, replay_settings, stop).await,
-        Some(Command::Run) | None => App::build(settings).await?.run_until_stopped(stop).await,
+        Some(Command::Run) | None => App::build(settings).await?.run_until(stop).await,
     }
 }
 
@@ -155,7 +155,7 @@ impl App {
     ///
     /// # Errors
     /// When the projection or the health server fails.
-    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until(self, stop: CancellationToken) -> anyhow::Result<()> {
         let health = crate::health::router(self.store, self.projection.status());
         let http_stop = stop.clone();
         let listener = self.listener;

@@ -35,6 +35,13 @@ impl From<mongodb::error::Error> for QueryError {
     }
 }
 
+/// A path whose id is not even text names nothing, like any malformed id.
+impl From<axum::extract::rejection::PathRejection> for QueryError {
+    fn from(_: axum::extract::rejection::PathRejection) -> Self {
+        Self::NotFound("resource")
+    }
+}
+
 /// A query string that does not parse (`?limit=abc`) is a problem like
 /// any other bad parameter, not axum's plain-text answer.
 impl From<axum::extract::rejection::QueryRejection> for QueryError {

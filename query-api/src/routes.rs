@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -206,6 +206,12 @@ pub struct BookingList {
     pub next: Option<String>,
 }
 
+/// `Path` whose rejection (an id that is not UTF-8) is a 404 problem, like
+/// any id that names nothing.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(QueryError))]
+pub struct Path<T>(pub T);
+
 /// The headers every read takes.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Header)]
@@ -265,7 +271,7 @@ pub struct Page {
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// The cursor of the page before, as its `next` link carries it.
-    #[param(pattern = r"^-?[0-9]+\.[0-9a-fA-F-]{36}$")]
+    #[param(pattern = r"^[+-]?[0-9]+\.[0-9a-fA-F-]{36}$")]
     pub after: Option<String>,
 }
 

@@ -384,10 +384,11 @@ impl App {
         let startup = Duration::from_secs(settings.startup_timeout_secs);
         let mut connected = reads.refresh().await;
         let started = std::time::Instant::now();
-        let mut backoff = service_kit::backoff::Backoff::default();
-        let never = tokio_util::sync::CancellationToken::new();
+        // Polled, not backed off: a MongoDB starting beside this service is
+        // used the moment it answers, and the wait never runs past `startup`.
+        let never = CancellationToken::new();
         while connected.is_err() && started.elapsed() < startup {
-            backoff.wait(&never).await;
+            service_kit::backoff::pause(&never, Duration::from_millis(200)).await;
             connected = reads.refresh().await;
         }
         connected.with_context(|| format!("mongodb at {hosts} is unreachable"))?;
@@ -414,11 +415,7 @@ impl App {
         let reads = self.reads.clone();
         let refresher_stop = stop.clone();
         let refresher = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = refresher_stop.cancelled() => return,
-                    () = tokio::time::sleep(GENERATION_REFRESH) => {}
-                }
+            while service_kit::backoff::pause(&refresher_stop, GENERATION_REFRESH).await {
                 if let Err(error) = reads.refresh().await {
                     tracing::debug!(%error, "cannot read the generation pointer");
                 }

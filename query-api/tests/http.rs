@@ -104,6 +104,14 @@ async fn every_refusal_is_a_problem_its_document_lists() -> anyhow::Result<()> {
         ),
         case(
             "GET",
+            "/bookings/%FF",
+            Some("/bookings/{id}"),
+            None,
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+        case(
+            "GET",
             "/users/not-a-uuid/bookings",
             Some("/users/{id}/bookings"),
             None,

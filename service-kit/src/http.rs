@@ -31,16 +31,19 @@ pub async fn within(
     use axum::response::IntoResponse;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => crate::problem::Problem::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "Service unavailable",
-            format!(
-                "the request took longer than {} ms; retry",
-                limit.as_millis()
-            ),
-        )
-        .retry_after(1)
-        .into_response(),
+        Err(_) => {
+            tracing::warn!(limit_ms = limit.as_millis(), "request timed out");
+            crate::problem::Problem::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+                format!(
+                    "the request took longer than {} ms; retry",
+                    limit.as_millis()
+                ),
+            )
+            .retry_after(1)
+            .into_response()
+        }
     }
 }

@@ -124,7 +124,7 @@ impl TestApp {
         Ok((status, body))
     }
 
-    /// Creates the show of API.md's example: VIP row A (10 seats at 225.00),
+    /// Creates the show of docs/api.md's example: VIP row A (10 seats at 225.00),
     /// Floor rows B and C (20 seats each at 90.00).
     pub async fn jazz_night(&self) -> anyhow::Result<String> {
         let (status, body) = self.post("/shows", &jazz_night()).await?;
