@@ -2,9 +2,10 @@
 //! `RUST_LOG`-filtered logs to stderr (JSON lines with `LOG_JSON`), a
 //! cancellation token fired by SIGTERM or Ctrl-C, the waits between retries
 //! ([`backoff`]), the connections to Postgres and MongoDB ([`connect`]),
-//! problem documents ([`problem`]) and the span of an HTTP request
-//! ([`http`]).
+//! problem documents ([`problem`]), the span of an HTTP request ([`http`])
+//! and the caller's verified identity ([`auth`]).
 
+pub mod auth;
 pub mod backoff;
 pub mod connect;
 pub mod http;

@@ -32,6 +32,9 @@ pub struct Problem {
     /// Seconds after which a retry may succeed, sent as `Retry-After`.
     #[serde(skip)]
     pub retry_after: Option<u32>,
+    /// Other headers of the answer, such as `WWW-Authenticate`.
+    #[serde(skip)]
+    pub extra_headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl Problem {
@@ -44,6 +47,7 @@ impl Problem {
             detail: detail.into(),
             members: Map::new(),
             retry_after: None,
+            extra_headers: Vec::new(),
         }
     }
 
@@ -68,6 +72,13 @@ impl Problem {
         self
     }
 
+    /// Sends a header with it.
+    #[must_use]
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.extra_headers.push((name, value));
+        self
+    }
+
     /// The status as an HTTP status.
     pub fn status_code(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -85,6 +96,7 @@ impl Problem {
         if let Some(seconds) = self.retry_after {
             headers.push((header::RETRY_AFTER, HeaderValue::from(seconds)));
         }
+        headers.extend(self.extra_headers.iter().cloned());
         headers
     }
 }
