@@ -9,18 +9,22 @@
 //! an identity provider may add its own).
 
 use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::problem::Problem;
+use crate::rate_limit::{too_many_requests, Client, RateLimits, RateSettings};
 
 /// Clock difference allowed between the token's issuer and this service.
 pub const LEEWAY_SECS: u64 = 60;
@@ -30,7 +34,7 @@ pub const MIN_SECRET_BYTES: usize = 32;
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// How tokens are checked: the settings of both HTTP services.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Clone, Default, clap::Args)]
 pub struct AuthSettings {
     /// HS256 secret of the tokens, at least 32 bytes.
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
@@ -47,6 +51,24 @@ pub struct AuthSettings {
     /// No checking at all (version 1.0 behaviour): local experiments only.
     #[arg(long, env = "AUTH_DISABLED", default_value_t = false)]
     pub disabled: bool,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Settings are logged at start-up; the secret must never be.
+        f.debug_struct("AuthSettings")
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("jwks_file", &self.jwks_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("disabled", &self.disabled)
+            .finish()
+    }
+}
+
+/// An empty variable (`AUTH_ISSUER=` in a compose file) means "not set".
+fn set(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.trim().is_empty())
 }
 
 /// Why the settings cannot verify tokens.
@@ -69,12 +91,22 @@ pub enum AuthSetupError {
 }
 
 /// A role a token may grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Role {
     /// May create shows.
     Organizer,
     /// May act on any booking and read any user's bookings.
     Admin,
+}
+
+impl Role {
+    /// The role as the `roles` claim names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Organizer => "organizer",
+            Self::Admin => "admin",
+        }
+    }
 }
 
 /// The caller of a request.
@@ -125,8 +157,8 @@ struct Claims {
     roles: Option<Vec<String>>,
 }
 
-/// Verifies bearer tokens. Put it in the router as an `Extension`; handlers
-/// then take a [`Caller`].
+/// Verifies bearer tokens; the [`guard`] layer uses it, and handlers then
+/// take a [`Caller`].
 #[derive(Clone)]
 pub struct Verifier(Arc<Keys>);
 
@@ -193,9 +225,12 @@ impl Verifier {
     /// [`AuthSetupError`] when they describe none.
     pub fn new(settings: &AuthSettings) -> Result<Self, AuthSetupError> {
         if settings.disabled {
+            if set(&settings.jwt_secret).is_some() || settings.jwks_file.is_some() {
+                tracing::warn!("AUTH_DISABLED=true: the configured keys are ignored and every request is let in");
+            }
             return Ok(Self(Arc::new(Keys::Off)));
         }
-        let secret = match &settings.jwt_secret {
+        let secret = match set(&settings.jwt_secret) {
             Some(secret) if secret.len() < MIN_SECRET_BYTES => {
                 return Err(AuthSetupError::ShortSecret)
             }
@@ -212,8 +247,8 @@ impl Verifier {
         Ok(Self(Arc::new(Keys::On {
             secret,
             keyed,
-            issuer: settings.issuer.clone(),
-            audience: settings.audience.clone(),
+            issuer: set(&settings.issuer).map(str::to_owned),
+            audience: set(&settings.audience).map(str::to_owned),
         })))
     }
 
@@ -240,55 +275,84 @@ impl Verifier {
         if value.len() > MAX_TOKEN_BYTES {
             return Err(Refusal::Malformed);
         }
+        // The scheme is case-insensitive (RFC 9110, 11.1).
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|token| !token.is_empty())
             .ok_or(Refusal::Malformed)?;
         let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Malformed)?;
-        let key = match header.alg {
-            Algorithm::HS256 => secret.as_ref(),
-            Algorithm::RS256 | Algorithm::ES256 => keyed
-                .iter()
-                .find(|(kid, alg, _)| {
-                    *alg == header.alg && (header.kid.is_none() || *kid == header.kid)
-                })
-                .map(|(_, _, key)| key),
-            _ => None,
-        }
-        .ok_or_else(|| Refusal::Invalid(format!("no key here signs {:?} tokens", header.alg)))?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECS;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
         if let Some(issuer) = issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
         match audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
-            .map_err(|error| match error.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Refusal::Expired,
-                _ => Refusal::Invalid(error.to_string()),
-            })?
-            .claims;
+        validation.set_required_spec_claims(&required);
+        let candidates: Vec<&DecodingKey> = match header.alg {
+            Algorithm::HS256 => secret.iter().collect(),
+            Algorithm::RS256 | Algorithm::ES256 => keyed
+                .iter()
+                .filter(|(kid, alg, _)| {
+                    *alg == header.alg && (header.kid.is_none() || *kid == header.kid)
+                })
+                .map(|(_, _, key)| key)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if candidates.is_empty() {
+            return Err(Refusal::Invalid(match &header.kid {
+                Some(kid) if header.alg != Algorithm::HS256 => {
+                    format!("no {:?} key with kid {kid:?} here", header.alg)
+                }
+                _ => format!("no key here signs {:?} tokens", header.alg),
+            }));
+        }
+        // A token without `kid` is tried against every key of its algorithm,
+        // so that a key can be rotated in beside the old one.
+        let mut refusal = None;
+        let mut claims = None;
+        for key in candidates {
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(error) => {
+                    refusal = Some(match error.kind() {
+                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => Refusal::Expired,
+                        _ => Refusal::Invalid(error.to_string()),
+                    });
+                }
+            }
+        }
+        let claims = claims.ok_or_else(|| {
+            refusal.unwrap_or_else(|| Refusal::Invalid("no key verifies it".to_owned()))
+        })?;
         let id = Uuid::try_parse(&claims.sub)
             .ok()
-            .filter(|_| claims.sub.len() == 36)
+            .filter(|id| claims.sub.len() == 36 && !id.is_nil())
             .ok_or_else(|| Refusal::Invalid("`sub` is not a user's UUID".to_owned()))?;
         let roles = claims
             .roles
             .unwrap_or_default()
             .iter()
-            .filter_map(|role| match role.as_str() {
-                "organizer" => Some(Role::Organizer),
-                "admin" => Some(Role::Admin),
-                _ => None,
+            .filter_map(|role| {
+                [Role::Organizer, Role::Admin]
+                    .into_iter()
+                    .find(|known| known.name() == role)
             })
             .collect();
         Ok(Caller::User { id, roles })
@@ -306,10 +370,21 @@ fn read_key_file(
     let set: JwkSet = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
-        let algorithm = match &jwk.algorithm {
-            jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-            jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-            // Symmetric keys belong in AUTH_JWT_SECRET, not a public file.
+        use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm, PublicKeyUse};
+        // A key published for encryption, or for another algorithm, must not
+        // verify a signature here.
+        if matches!(&jwk.common.public_key_use, Some(u) if *u != PublicKeyUse::Signature) {
+            continue;
+        }
+        let algorithm = match (&jwk.algorithm, &jwk.common.key_algorithm) {
+            (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+            (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
+                if ec.curve == EllipticCurve::P256 =>
+            {
+                Algorithm::ES256
+            }
+            // Symmetric keys belong in AUTH_JWT_SECRET, not a public file;
+            // other algorithms are not offered.
             _ => continue,
         };
         let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?;
@@ -321,19 +396,223 @@ fn read_key_file(
     Ok(keys)
 }
 
-/// The caller of the request, from the [`Verifier`] the router carries as
-/// an `Extension`. A request without a verifier in the router is refused:
-/// a missing layer must never mean an open door.
+/// Why a token cannot be made here.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    /// Tokens are made with the HS256 secret only; key-file deployments
+    /// get theirs from their identity provider.
+    #[error("tokens are made with AUTH_JWT_SECRET (of at least {MIN_SECRET_BYTES} bytes); with AUTH_JWKS_FILE, ask the identity provider")]
+    NoSecret,
+    /// The token could not be encoded.
+    #[error("cannot sign the token: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+/// A token for `user` with `roles` that lasts `ttl`, signed with the
+/// settings' HS256 secret (and carrying their `iss` and `aud`): for
+/// development (`scripts/services.sh token`) and load generators, as an
+/// identity provider would issue it.
+///
+/// # Errors
+/// [`MintError::NoSecret`] without a usable secret.
+pub fn mint(
+    settings: &AuthSettings,
+    user: Uuid,
+    roles: &[Role],
+    ttl: Duration,
+) -> Result<String, MintError> {
+    let secret = set(&settings.jwt_secret)
+        .filter(|s| s.len() >= MIN_SECRET_BYTES)
+        .ok_or(MintError::NoSecret)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut claims = serde_json::json!({
+        "sub": user.to_string(),
+        "iat": now.as_secs(),
+        "exp": now.saturating_add(ttl).as_secs(),
+        "roles": roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
+    });
+    if let Some(issuer) = set(&settings.issuer) {
+        claims["iss"] = issuer.into();
+    }
+    if let Some(audience) = set(&settings.audience) {
+        claims["aud"] = audience.into();
+    }
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+/// Who the [`guard`] found calling, for the [`Caller`] extractor.
+#[derive(Debug, Clone)]
+struct Identified(Result<Caller, Refusal>);
+
+/// What the [`guard`] layer checks requests with: one per process.
+#[derive(Debug, Clone)]
+pub struct Access {
+    verifier: Verifier,
+    limits: Arc<RateLimits>,
+}
+
+/// How often buckets of clients that went quiet are forgotten.
+const FORGET_IDLE_EVERY: Duration = Duration::from_secs(60);
+
+impl Access {
+    /// Checks tokens with `verifier` and rates with `limits`. Starts a task
+    /// that forgets idle clients' buckets, which ends with the last clone.
+    pub fn new(verifier: Verifier, limits: RateLimits) -> Self {
+        let limits = Arc::new(limits);
+        let weak = Arc::downgrade(&limits);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(FORGET_IDLE_EVERY);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    match weak.upgrade() {
+                        Some(limits) => limits.forget_idle(),
+                        None => break,
+                    }
+                }
+            });
+        }
+        Self { verifier, limits }
+    }
+
+    /// From the services' settings.
+    ///
+    /// # Errors
+    /// As [`Verifier::new`].
+    pub fn from_settings(
+        auth: &AuthSettings,
+        rates: &RateSettings,
+    ) -> Result<Self, AuthSetupError> {
+        Ok(Self::new(Verifier::new(auth)?, RateLimits::new(rates)))
+    }
+}
+
+/// Paths never rate limited: probes of orchestrators and balancers, which
+/// come often and from few addresses, and must not make a healthy service
+/// look down.
+const PROBES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// The layer in front of every route: reads the caller's token (a request
+/// without one, or with a bad one, goes on as anonymous: open routes take
+/// it, and a route that takes a [`Caller`] refuses it with 401), then takes
+/// one request from the caller's rate bucket, by user when the token is
+/// valid and by address otherwise, answering 429 when it is empty.
+/// `axum::middleware::from_fn_with_state(access, guard)`.
+pub async fn guard(
+    State(access): State<Access>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let identified = access
+        .verifier
+        .caller(request.headers().get(header::AUTHORIZATION));
+    let client = match &identified {
+        Ok(Caller::User { id, .. }) => {
+            tracing::Span::current().record("user_id", tracing::field::display(id));
+            Client::User(*id)
+        }
+        _ => Client::Address(
+            request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip()),
+        ),
+    };
+    let probe = PROBES.contains(&request.uri().path());
+    if let Err(wait) = if probe {
+        Ok(())
+    } else {
+        access.limits.check(client)
+    } {
+        tracing::info!(?client, wait_ms = wait.as_millis(), "rate limited");
+        return too_many_requests(wait).into_response();
+    }
+    request.extensions_mut().insert(Identified(identified));
+    next.run(request).await
+}
+
+/// The caller of the request, as the [`guard`] found it: a 401 problem when
+/// its token is missing or bad. A router without the guard refuses every
+/// such request with 500: a missing layer must never mean an open door.
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let verifier = parts.extensions.get::<Verifier>().ok_or_else(|| {
-            tracing::error!("a route takes a Caller but the router has no Verifier");
-            Refusal::Invalid("identity cannot be checked".to_owned()).problem()
+        let Identified(identified) = parts.extensions.get::<Identified>().ok_or_else(|| {
+            tracing::error!("a route takes a Caller but the router has no auth guard");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+                "an unexpected error occurred",
+            )
         })?;
-        verifier
-            .caller(parts.headers.get(header::AUTHORIZATION))
-            .map_err(|refusal| refusal.problem())
+        identified.clone().map_err(|refusal| refusal.problem())
     }
+}
+
+/// Adds the `bearer` security scheme (a JWT in `Authorization`) to an
+/// OpenAPI document: `#[openapi(modifiers(&BearerScheme))]`, then
+/// `security(("bearer" = []))` on each operation that needs a token.
+#[derive(Debug)]
+pub struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .description(Some(
+                            "HS256 with AUTH_JWT_SECRET, or RS256/ES256 with a key of \
+                             AUTH_JWKS_FILE; `sub` is the user's UUID, `roles` may hold \
+                             `organizer` and `admin`",
+                        ))
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// The answers of an operation that needs a token, besides its own.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum AuthProblems {
+    /// No token, or a bad one.
+    #[response(status = 401, description = "no bearer token, or one that is malformed, expired or \
+        badly signed", content_type = "application/problem+json",
+        headers(("WWW-Authenticate" = String, description = "`Bearer`")))]
+    Unauthenticated(Problem),
+    /// A valid token acting on what is not its own.
+    #[response(
+        status = 403,
+        description = "the token's user may not do this (another user's \
+        booking or bookings, another user's name, or `POST /shows` without `organizer`)",
+        content_type = "application/problem+json"
+    )]
+    Forbidden(Problem),
+}
+
+/// The answer every operation may give when its caller goes too fast.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum RateProblems {
+    /// Over the caller's rate.
+    #[response(status = 429, description = "over the rate of this user (or address, without a \
+        token); retry after `Retry-After`", content_type = "application/problem+json",
+        headers(("Retry-After" = u32, description = "seconds")))]
+    TooManyRequests(Problem),
 }

@@ -17,6 +17,8 @@ pub fn request_span<B>(request: &Request<B>) -> Span {
         method = %request.method(),
         route,
         path = request.uri().path(),
+        // Filled in by the auth guard once the token is verified.
+        user_id = tracing::field::Empty,
     )
 }
 

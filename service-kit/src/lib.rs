@@ -3,13 +3,14 @@
 //! cancellation token fired by SIGTERM or Ctrl-C, the waits between retries
 //! ([`backoff`]), the connections to Postgres and MongoDB ([`connect`]),
 //! problem documents ([`problem`]), the span of an HTTP request ([`http`])
-//! and the caller's verified identity ([`auth`]).
+//! the caller's verified identity ([`auth`]) and its rate ([`rate_limit`]).
 
 pub mod auth;
 pub mod backoff;
 pub mod connect;
 pub mod http;
 pub mod problem;
+pub mod rate_limit;
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;

@@ -72,6 +72,21 @@ fn openssl_key(kind: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// A verifier of the keys `keys`, published as a JWKS file (removed by the
+/// caller).
+fn from_key_file(keys: Vec<Jwk>) -> (Verifier, PathBuf) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/auth-tests");
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let file = dir.join(format!("jwks-{}.json", Uuid::new_v4()));
+    std::fs::write(&file, serde_json::to_vec(&JwkSet { keys }).expect("JSON")).expect("written");
+    let verifier = Verifier::new(&AuthSettings {
+        jwks_file: Some(file.clone()),
+        ..AuthSettings::default()
+    })
+    .expect("a verifier");
+    (verifier, file)
+}
+
 #[test]
 fn a_valid_token_names_its_user_and_known_roles() {
     let user = Uuid::new_v4();
@@ -91,6 +106,29 @@ fn a_valid_token_names_its_user_and_known_roles() {
     assert!(caller.acts_for(user));
     assert!(!caller.acts_for(Uuid::new_v4()));
     assert!(caller.has(Role::Organizer) && !caller.has(Role::Admin));
+}
+
+#[test]
+fn the_scheme_is_case_insensitive_and_the_secret_never_printed() {
+    let user = Uuid::new_v4();
+    let token = hs256(
+        &json!({ "sub": user.to_string(), "exp": now() + 300 }),
+        SECRET,
+    );
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let value = HeaderValue::from_str(&format!("{scheme} {token}")).expect("header");
+        assert_eq!(
+            with_secret().caller(Some(&value)).map(|c| c.user()),
+            Ok(Some(user)),
+            "{scheme}"
+        );
+    }
+    let settings = AuthSettings {
+        jwt_secret: Some(SECRET.to_owned()),
+        ..AuthSettings::default()
+    };
+    let printed = format!("{settings:?} {:?}", with_secret());
+    assert!(!printed.contains(SECRET), "{printed}");
 }
 
 #[test]
@@ -175,6 +213,27 @@ fn every_wrong_token_is_refused_with_its_reason() {
             |r| matches!(r, Refusal::Invalid(_)),
         ),
         (
+            "not valid before a time to come",
+            Some(bearer(&hs256(
+                &json!({ "sub": user, "exp": now() + 900, "nbf": now() + 600 }),
+                SECRET,
+            ))),
+            |r| matches!(r, Refusal::Invalid(_)),
+        ),
+        (
+            "the nil UUID",
+            Some(bearer(&hs256(
+                &json!({ "sub": Uuid::nil().to_string(), "exp": now() + 300 }),
+                SECRET,
+            ))),
+            |r| matches!(r, Refusal::Invalid(_)),
+        ),
+        (
+            "an empty bearer",
+            Some(HeaderValue::from_static("Bearer ")),
+            |r| *r == Refusal::Malformed,
+        ),
+        (
             "a 10 MB header",
             Some(bearer(&"x".repeat(10 * 1024 * 1024))),
             |r| *r == Refusal::Malformed,
@@ -211,6 +270,18 @@ fn issuer_and_audience_are_checked_when_configured() {
     let claims = |iss: &str, aud: &str| json!({ "sub": Uuid::new_v4().to_string(), "exp": now() + 300, "iss": iss, "aud": aud });
     let good = hs256(&claims("https://id.example", "ticketing"), SECRET);
     assert!(verifier.caller(Some(&bearer(&good))).is_ok());
+    let without_iss =
+        json!({ "sub": Uuid::new_v4().to_string(), "exp": now() + 300, "aud": "ticketing" });
+    let without_aud = json!({ "sub": Uuid::new_v4().to_string(), "exp": now() + 300, "iss": "https://id.example" });
+    for token in [hs256(&without_iss, SECRET), hs256(&without_aud, SECRET)] {
+        assert!(
+            matches!(
+                verifier.caller(Some(&bearer(&token))),
+                Err(Refusal::Invalid(_))
+            ),
+            "a token without the configured claim was accepted"
+        );
+    }
     for (iss, aud) in [
         ("https://evil.example", "ticketing"),
         ("https://id.example", "other"),
@@ -234,18 +305,7 @@ fn rs256_and_es256_tokens_are_verified_with_the_keys_of_a_jwks_file() {
     rsa_jwk.common.key_id = Some("rsa-1".to_owned());
     let mut ec_jwk = Jwk::from_encoding_key(&ec, Algorithm::ES256).expect("EC JWK");
     ec_jwk.common.key_id = Some("ec-1".to_owned());
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/auth-tests");
-    std::fs::create_dir_all(&dir).expect("a directory");
-    let file = dir.join(format!("jwks-{}.json", Uuid::new_v4()));
-    let set = JwkSet {
-        keys: vec![rsa_jwk, ec_jwk],
-    };
-    std::fs::write(&file, serde_json::to_vec(&set).expect("JSON")).expect("written");
-    let verifier = Verifier::new(&AuthSettings {
-        jwks_file: Some(file.clone()),
-        ..AuthSettings::default()
-    })
-    .expect("a verifier");
+    let (verifier, file) = from_key_file(vec![rsa_jwk, ec_jwk]);
     let user = Uuid::new_v4();
     let claims = json!({ "sub": user.to_string(), "exp": now() + 300 });
     for (alg, kid, key) in [
@@ -275,6 +335,37 @@ fn rs256_and_es256_tokens_are_verified_with_the_keys_of_a_jwks_file() {
     let forged = jsonwebtoken::encode(&header, &claims, &other).expect("signed");
     assert!(matches!(
         verifier.caller(Some(&bearer(&forged))),
+        Err(Refusal::Invalid(_))
+    ));
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn a_token_without_kid_is_tried_with_every_key_and_encryption_keys_never_verify() {
+    let old = EncodingKey::from_rsa_pem(&openssl_key("RSA")).expect("RSA key");
+    let new = EncodingKey::from_rsa_pem(&openssl_key("RSA")).expect("RSA key");
+    let enc = EncodingKey::from_rsa_pem(&openssl_key("RSA")).expect("RSA key");
+    let mut enc_jwk = Jwk::from_encoding_key(&enc, Algorithm::RS256).expect("JWK");
+    enc_jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Encryption);
+    let mut keys = vec![enc_jwk];
+    for key in [&old, &new] {
+        keys.push(Jwk::from_encoding_key(key, Algorithm::RS256).expect("JWK"));
+    }
+    let (verifier, file) = from_key_file(keys);
+    let user = Uuid::new_v4();
+    let claims = json!({ "sub": user.to_string(), "exp": now() + 300 });
+    for key in [&old, &new] {
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key).expect("signed");
+        assert_eq!(
+            verifier.caller(Some(&bearer(&token))).map(|c| c.user()),
+            Ok(Some(user))
+        );
+    }
+    let token =
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &enc).expect("signed");
+    assert!(matches!(
+        verifier.caller(Some(&bearer(&token))),
         Err(Refusal::Invalid(_))
     ));
     let _ = std::fs::remove_file(file);
