@@ -109,6 +109,18 @@ pub enum BoxOfficeError {
         /// The seats someone else has.
         labels: Vec<SeatLabel>,
     },
+    /// The buyer would have more live seats in the show than its limit.
+    #[error(
+        "this show allows {limit} seats per buyer; you have {current}, and asked for {asked} more"
+    )]
+    SeatLimit {
+        /// The show's limit.
+        limit: u32,
+        /// The buyer's live seats in the show now.
+        current: u32,
+        /// Seats asked for.
+        asked: usize,
+    },
     /// The booking refused the command.
     #[error(transparent)]
     Booking(#[from] BookingError),
@@ -124,6 +136,29 @@ fn join(labels: &[SeatLabel]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Whether a buyer who has `current` live seats (held and not lapsed, or
+/// bought) in `show` may take `asked` more. The caller counts `current` under
+/// the buyer's lock for the show, in the transaction that writes the seats,
+/// so that concurrent requests of one buyer cannot each see room for
+/// themselves.
+///
+/// # Errors
+/// [`BoxOfficeError::SeatLimit`] when the seats would go over the limit.
+pub fn check_seat_limit(show: &Show, current: u32, asked: usize) -> Result<(), BoxOfficeError> {
+    let Some(limit) = show.details().and_then(|d| d.max_seats_per_user) else {
+        return Ok(());
+    };
+    let after = u64::from(current) + u64::try_from(asked).unwrap_or(u64::MAX);
+    if after > u64::from(limit.get()) {
+        return Err(BoxOfficeError::SeatLimit {
+            limit: limit.get(),
+            current,
+            asked,
+        });
+    }
+    Ok(())
 }
 
 /// Seat streams by label (a label with no entry has no stream: available),

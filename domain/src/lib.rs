@@ -30,7 +30,7 @@ pub use ids::{
 };
 pub use seat::{ReleaseReason, Seat, SeatCommand, SeatError, SeatEvent, SeatState, SeatStatus};
 pub use show::{
-    Cents, Row, SeatMap, Section, Show, ShowCommand, ShowDetails, ShowError, ShowEvent,
+    Cents, Row, SeatLimit, SeatMap, Section, Show, ShowCommand, ShowDetails, ShowError, ShowEvent,
 };
 
 /// A point in time, UTC. Always passed in, never read from a clock here.

@@ -279,6 +279,9 @@ pub struct ShowDoc {
     pub starts_order: i64,
     /// Sections in seat-map order.
     pub sections: Vec<SectionDoc>,
+    /// Most live seats one buyer may have (absent: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seats_per_user: Option<u32>,
 }
 
 /// Up to [`BLOCK_SEATS`] seats of one section, their counts and the holds
@@ -384,6 +387,7 @@ impl ShowDoc {
             starts_at: format_time(details.starts_at),
             starts_order: details.starts_at.timestamp_micros(),
             sections,
+            max_seats_per_user: details.max_seats_per_user.map(crate::show::SeatLimit::get),
         }
     }
 

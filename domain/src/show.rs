@@ -14,6 +14,14 @@ use crate::Timestamp;
 /// Most seats one show may have.
 pub const MAX_SEATS_PER_SHOW: u32 = 100_000;
 
+/// The highest price of a seat: ten million in the currency's units. With at
+/// most ten seats a booking, every total is exact in an `i64`, a `u64` and a
+/// JSON number a browser reads (below 2^53), on both sides of the system.
+pub const MAX_PRICE_CENTS: i64 = 1_000_000_000;
+
+/// The largest per-buyer seat limit a show may set.
+pub const MAX_SEATS_PER_USER: u32 = 100;
+
 /// An amount of money in cents; never negative.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
@@ -25,8 +33,15 @@ impl Cents {
     /// Checks a price given in signed cents, as clients send it.
     ///
     /// # Errors
-    /// [`ShowError::NegativePrice`] below zero.
+    /// [`ShowError::NegativePrice`] below zero, [`ShowError::PriceTooHigh`]
+    /// above [`MAX_PRICE_CENTS`].
     pub fn new(cents: i64) -> Result<Self, ShowError> {
+        if cents > MAX_PRICE_CENTS {
+            return Err(ShowError::PriceTooHigh {
+                cents,
+                max: MAX_PRICE_CENTS,
+            });
+        }
         u64::try_from(cents)
             .map(Self)
             .map_err(|_| ShowError::NegativePrice { cents })
@@ -37,7 +52,9 @@ impl Cents {
         self.0
     }
 
-    /// The sum, saturating: 10 seats of a show cannot overflow a `u64` of cents.
+    /// The sum, saturating (prices are bounded, so a booking's total never
+    /// reaches the bound; events written before the bound existed are read
+    /// as they are).
     pub fn saturating_add(self, other: Self) -> Self {
         Self(self.0.saturating_add(other.0))
     }
@@ -206,6 +223,22 @@ pub enum ShowError {
         /// The price given.
         cents: i64,
     },
+    /// A price above [`MAX_PRICE_CENTS`].
+    #[error("price may be at most {max} cents, got {cents}")]
+    PriceTooHigh {
+        /// The price given.
+        cents: i64,
+        /// The bound.
+        max: i64,
+    },
+    /// A per-buyer seat limit outside 1 to [`MAX_SEATS_PER_USER`].
+    #[error("max_seats_per_user must be 1 to {max}, got {limit}")]
+    BadSeatLimit {
+        /// The limit given.
+        limit: i64,
+        /// The bound.
+        max: u32,
+    },
 }
 
 /// What a show is once created.
@@ -221,6 +254,37 @@ pub struct ShowDetails {
     pub starts_at: Timestamp,
     /// Its seats.
     pub seat_map: SeatMap,
+    /// Most live seats (held or bought) one buyer may have in the show;
+    /// `None`: no limit. Absent from shows created before limits existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_seats_per_user: Option<SeatLimit>,
+}
+
+/// A show's per-buyer seat limit: 1 to [`MAX_SEATS_PER_USER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SeatLimit(u32);
+
+impl SeatLimit {
+    /// Checks a limit as clients send it.
+    ///
+    /// # Errors
+    /// [`ShowError::BadSeatLimit`] outside 1 to [`MAX_SEATS_PER_USER`].
+    pub fn new(limit: i64) -> Result<Self, ShowError> {
+        u32::try_from(limit)
+            .ok()
+            .filter(|l| (1..=MAX_SEATS_PER_USER).contains(l))
+            .map(Self)
+            .ok_or(ShowError::BadSeatLimit {
+                limit,
+                max: MAX_SEATS_PER_USER,
+            })
+    }
+
+    /// The limit.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
 }
 
 /// The `Show` aggregate; `None` until created.

@@ -610,3 +610,52 @@ proptest! {
         prop_assert_eq!(label.to_string().parse::<SeatLabel>().ok(), Some(label));
     }
 }
+
+/// `small_show` with a per-buyer limit of `limit` (none for `None`).
+fn limited_show(limit: Option<i64>) -> Show {
+    let details = domain::ShowDetails {
+        max_seats_per_user: limit.map(|l| domain::SeatLimit::new(l).expect("a valid limit")),
+        ..common::small_show_details()
+    };
+    let mut show = Show::default();
+    show.apply(domain::ShowEvent::ShowCreated(details));
+    show
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    /// A buyer may take seats exactly while the seats it has and asks for
+    /// stay within the show's limit; a show without a limit never refuses.
+    #[test]
+    fn the_seat_limit_refuses_exactly_what_would_go_over(
+        limit in proptest::option::of(1_i64..=100),
+        current in 0_u32..=120,
+        asked in 1_usize..=10,
+    ) {
+        let decided = box_office::check_seat_limit(&limited_show(limit), current, asked);
+        match limit {
+            None => prop_assert_eq!(decided, Ok(())),
+            Some(limit) if i64::from(current) + asked as i64 <= limit => {
+                prop_assert_eq!(decided, Ok(()));
+            }
+            Some(limit) => prop_assert_eq!(
+                decided,
+                Err(BoxOfficeError::SeatLimit { limit: limit as u32, current, asked })
+            ),
+        }
+    }
+
+    /// Limits and prices are taken exactly within their bounds.
+    #[test]
+    fn limits_and_prices_have_bounds(value in -5_i64..=1_000_000_005) {
+        prop_assert_eq!(
+            domain::SeatLimit::new(value).is_ok(),
+            (1..=i64::from(domain::show::MAX_SEATS_PER_USER)).contains(&value)
+        );
+        prop_assert_eq!(
+            Cents::new(value).is_ok(),
+            (0..=domain::show::MAX_PRICE_CENTS).contains(&value)
+        );
+    }
+}

@@ -54,6 +54,7 @@ pub fn small_show_details() -> ShowDetails {
             section("Floor", 9_000, vec![row("B", 3), row("C", 3)]),
         ])
         .expect("a valid seat map"),
+        max_seats_per_user: None,
     }
 }
 
