@@ -34,6 +34,19 @@ pub enum ApiError {
         /// The seats someone else has.
         seats: Vec<SeatLabel>,
     },
+    /// 409: the buyer would go over the show's per-buyer seat limit.
+    #[error("{detail}")]
+    SeatLimit {
+        /// What is wrong, for a person.
+        detail: String,
+        /// The show's limit.
+        limit: u32,
+        /// The buyer's live seats in the show.
+        current: u32,
+    },
+    /// 403: the caller may not act on this booking or user, or create shows.
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// 409: the booking is `expired` or `cancelled`.
     #[error("the booking is {status}")]
     BookingClosed {
@@ -86,9 +99,11 @@ impl ApiError {
             },
             Self::Invalid { .. } | Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Unavailable { .. } | Self::BookingClosed { .. } | Self::InProgress => {
-                StatusCode::CONFLICT
-            }
+            Self::Unavailable { .. }
+            | Self::BookingClosed { .. }
+            | Self::InProgress
+            | Self::SeatLimit { .. } => StatusCode::CONFLICT,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,6 +118,8 @@ impl ApiError {
             Self::NotFound(_) => ("not-found", "Not found"),
             Self::Unavailable { .. } => ("seats-unavailable", "Seats are not available"),
             Self::BookingClosed { .. } => ("booking-closed", "The booking cannot change"),
+            Self::SeatLimit { .. } => ("seat-limit", "Over the show's seat limit per buyer"),
+            Self::Forbidden(_) => ("forbidden", "Forbidden"),
             Self::IdempotencyMismatch => ("idempotency-key-reused", "Idempotency-Key reused"),
             Self::InProgress => ("in-progress", "Request in progress"),
             Self::StoreUnavailable(_) => ("unavailable", "Service unavailable"),
@@ -119,6 +136,9 @@ impl ApiError {
             Self::Invalid { members, .. } => problem.with_all(members.clone()),
             Self::Unavailable { seats } => problem.with("unavailable_seats", labels(seats)),
             Self::BookingClosed { status } => problem.with("booking_status", json!(status)),
+            Self::SeatLimit { limit, current, .. } => problem
+                .with("limit", json!(limit))
+                .with("current", json!(current)),
             Self::InProgress => problem.with("in_progress", json!(true)).retry_after(1),
             Self::StoreUnavailable(_) => problem.retry_after(1),
             _ => problem,
@@ -205,6 +225,11 @@ impl From<BoxOfficeError> for ApiError {
             | BoxOfficeError::TooManySeats { .. }
             | BoxOfficeError::DuplicateSeat { .. }) => Self::invalid(e.to_string(), Map::new()),
             BoxOfficeError::Booking(e) => e.into(),
+            e @ BoxOfficeError::SeatLimit { limit, current, .. } => Self::SeatLimit {
+                detail: e.to_string(),
+                limit,
+                current,
+            },
             e @ BoxOfficeError::Inconsistent(_) => Self::Internal(anyhow::Error::new(e)),
         }
     }

@@ -4,11 +4,11 @@
 //! atomically, so the multi-stream load and append live here, on the same
 //! table and with the same serialization (`serde_json` of the event enum).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
 use cqrs_es::{Aggregate, DomainEvent};
-use domain::{Booking, BookingEvent, BookingId, Changes, Seat, SeatLabel, Show, ShowId};
+use domain::{Booking, BookingEvent, BookingId, Changes, Seat, SeatLabel, Show, ShowId, UserId};
 use serde::de::DeserializeOwned;
 use sqlx::{PgConnection, PgPool, Row};
 
@@ -109,8 +109,9 @@ pub struct ShowStreams {
     pub bookings: BTreeMap<BookingId, Loaded<Booking>>,
 }
 
-/// Locks the seat streams of `labels` (of `show_id`) and the booking
-/// streams of `bookings` until the transaction ends, then loads them, in
+/// Locks the seat streams of `labels` (of `show_id`), the booking streams
+/// of `bookings` and, when given, the buyer's allowance in the show (see
+/// [`buyer_key`]) until the transaction ends, then loads the streams, in
 /// one round trip. Locks are taken in a fixed (sorted) order, so commands
 /// queue instead of deadlocking; with [`LockWait::Never`] none is waited
 /// for, and the streams are loaded unlocked if any was taken.
@@ -122,6 +123,7 @@ pub async fn lock_and_load(
     show_id: ShowId,
     labels: &[SeatLabel],
     bookings: &[BookingId],
+    buyer: Option<UserId>,
     wait: LockWait,
 ) -> Result<ShowStreams, LogError> {
     let seat_ids: Vec<String> = labels
@@ -133,6 +135,7 @@ pub async fn lock_and_load(
         .iter()
         .map(|id| stream_key(Seat::TYPE, id))
         .chain(booking_ids.iter().map(|id| stream_key(Booking::TYPE, id)))
+        .chain(buyer.map(|user| buyer_key(show_id, user)))
         .collect();
     let types: Vec<&str> = seat_ids
         .iter()
@@ -224,6 +227,51 @@ pub fn seat_key(show_id: ShowId, label: &SeatLabel) -> i64 {
 /// The lock key of a booking's stream.
 pub fn booking_key(booking_id: BookingId) -> i64 {
     stream_key(Booking::TYPE, &booking_id.to_string())
+}
+
+/// The lock key of a buyer's allowance in a show: held by every command
+/// that adds to the buyer's live seats there (a booking, a confirm), so that
+/// the count it reads in [`live_seats`] cannot change before it commits.
+pub fn buyer_key(show_id: ShowId, user_id: UserId) -> i64 {
+    stream_key("Buyer", &format!("{show_id}:{user_id}"))
+}
+
+/// The live seats (bought, or held and not lapsed at `now`) of each buyer
+/// in each show of `buyers`, read in the caller's transaction, which holds
+/// their [`buyer_key`] locks. A buyer with none is absent.
+///
+/// # Errors
+/// [`LogError::Database`].
+pub async fn live_seats(
+    conn: &mut PgConnection,
+    buyers: &[(ShowId, UserId)],
+    now: domain::Timestamp,
+) -> Result<HashMap<(ShowId, UserId), u32>, LogError> {
+    if buyers.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(uuid::Uuid, uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT b.show_id, b.user_id, sum(b.seats)::bigint
+           FROM buyer_seats AS b
+           JOIN unnest($1::uuid[], $2::uuid[]) AS u(show_id, user_id)
+             ON b.show_id = u.show_id AND b.user_id = u.user_id
+          WHERE b.expires_at IS NULL OR b.expires_at > $3
+          GROUP BY b.show_id, b.user_id",
+    )
+    .bind(buyers.iter().map(|(s, _)| s.as_uuid()).collect::<Vec<_>>())
+    .bind(buyers.iter().map(|(_, u)| u.as_uuid()).collect::<Vec<_>>())
+    .bind(now)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(show, user, seats)| {
+            (
+                (ShowId::from_uuid(show), UserId::from_uuid(user)),
+                u32::try_from(seats).unwrap_or(u32::MAX),
+            )
+        })
+        .collect())
 }
 
 /// A lock a command takes: a stream's, in the one-key advisory lock space,
@@ -432,8 +480,8 @@ pub struct Append {
 }
 
 /// Appends every event of one command in one statement, each stream at the
-/// sequence after the version it was loaded at, and keeps `pending_holds` in
-/// step with the booking events. Returns the highest `global_position`
+/// sequence after the version it was loaded at, and keeps `pending_holds`
+/// and `buyer_seats` in step with the booking events. Returns the highest `global_position`
 /// written (0 when nothing was).
 ///
 /// # Errors
@@ -488,6 +536,14 @@ pub async fn append(
            SELECT * FROM UNNEST($7::uuid[], $8::uuid[], $9::timestamptz[])),
          settled AS (
            DELETE FROM pending_holds WHERE booking_id = ANY($10::uuid[])),
+         bought AS (
+           INSERT INTO buyer_seats (booking_id, show_id, user_id, seats, expires_at)
+           SELECT * FROM UNNEST($17::uuid[], $18::uuid[], $19::uuid[], $20::integer[],
+                                $21::timestamptz[])),
+         kept AS (
+           UPDATE buyer_seats SET expires_at = NULL WHERE booking_id = ANY($22::uuid[])),
+         released AS (
+           DELETE FROM buyer_seats WHERE booking_id = ANY($23::uuid[])),
          answered AS (
            INSERT INTO idempotency_keys (route, key, request, status, headers, body)
            SELECT * FROM UNNEST($11::text[], $12::text[], $13::bytea[], $14::smallint[],
@@ -504,25 +560,58 @@ pub async fn append(
     .bind(&holds.shows)
     .bind(&holds.until)
     .bind(&holds.settled)
-    .bind(answers.iter().map(|a| a.route).collect::<Vec<_>>())
+    .bind(answers.iter().map(|a| a.route.as_str()).collect::<Vec<_>>())
     .bind(answers.iter().map(|a| a.key.as_str()).collect::<Vec<_>>())
     .bind(answers.iter().map(|a| a.request.as_slice()).collect::<Vec<_>>())
     .bind(answers.iter().map(|a| a.status).collect::<Vec<_>>())
     .bind(answers.iter().map(|a| &a.headers).collect::<Vec<_>>())
     .bind(answers.iter().map(|a| a.body.as_slice()).collect::<Vec<_>>())
+    .bind(&holds.buyers.bookings)
+    .bind(&holds.buyers.shows)
+    .bind(&holds.buyers.users)
+    .bind(&holds.buyers.seats)
+    .bind(&holds.buyers.until)
+    .bind(&holds.bought)
+    .bind(&holds.released)
     .fetch_one(&mut *conn)
     .await
     .map_err(conflict_or)?;
     Ok(position.unwrap_or(0))
 }
 
-/// The pending holds a command's booking events start and end.
+/// The pending holds a command's booking events start and end, and the
+/// buyers' seats they add, keep (a hold confirmed) and release.
 #[derive(Debug, Default)]
 struct Holds {
     held: Vec<uuid::Uuid>,
     shows: Vec<uuid::Uuid>,
     until: Vec<domain::Timestamp>,
     settled: Vec<uuid::Uuid>,
+    buyers: BuyerSeats,
+    bought: Vec<uuid::Uuid>,
+    released: Vec<uuid::Uuid>,
+}
+
+/// New rows of `buyer_seats`, column by column.
+#[derive(Debug, Default)]
+struct BuyerSeats {
+    bookings: Vec<uuid::Uuid>,
+    shows: Vec<uuid::Uuid>,
+    users: Vec<uuid::Uuid>,
+    seats: Vec<i32>,
+    until: Vec<Option<domain::Timestamp>>,
+}
+
+impl BuyerSeats {
+    fn add(&mut self, details: &domain::BookingDetails, until: Option<domain::Timestamp>) {
+        self.bookings.push(details.booking_id.as_uuid());
+        self.shows.push(details.show_id.as_uuid());
+        self.users.push(details.user_id.as_uuid());
+        // At most MAX_SEATS_PER_BOOKING.
+        self.seats
+            .push(i32::try_from(details.seats.len()).unwrap_or(i32::MAX));
+        self.until.push(until);
+    }
 }
 
 impl Holds {
@@ -538,13 +627,18 @@ impl Holds {
                     holds.held.push(details.booking_id.as_uuid());
                     holds.shows.push(details.show_id.as_uuid());
                     holds.until.push(*expires_at);
+                    holds.buyers.add(details, Some(*expires_at));
                 }
-                BookingEvent::BookingConfirmed { booking_id, .. }
-                | BookingEvent::BookingCancelled { booking_id, .. }
+                BookingEvent::BookingConfirmed { booking_id, .. } => {
+                    holds.settled.push(booking_id.as_uuid());
+                    holds.bought.push(booking_id.as_uuid());
+                }
+                BookingEvent::BookingCancelled { booking_id, .. }
                 | BookingEvent::BookingExpired { booking_id, .. } => {
                     holds.settled.push(booking_id.as_uuid());
+                    holds.released.push(booking_id.as_uuid());
                 }
-                BookingEvent::BookingPlaced { .. } => {}
+                BookingEvent::BookingPlaced { details, .. } => holds.buyers.add(details, None),
             }
         }
         holds

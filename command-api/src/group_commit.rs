@@ -199,7 +199,8 @@ async fn gather(
     }
 }
 
-/// The locks of a command: its seats, its booking, its key.
+/// The locks of a command: its seats, its booking, its buyer's allowance
+/// (when the show limits seats per buyer), its key.
 fn keys_of(command: &Command) -> Vec<LockKey> {
     let key = |keyed: &Keyed| {
         let (high, low) = keyed.lock_key();
@@ -215,6 +216,11 @@ fn keys_of(command: &Command) -> Vec<LockKey> {
                 .chain(std::iter::once(LockKey::Stream(event_log::booking_key(
                     order.booking_id,
                 ))))
+                .chain(
+                    order
+                        .buyer(&placement.show)
+                        .map(|user| LockKey::Stream(event_log::buyer_key(order.show_id, user))),
+                )
                 .chain(placement.keyed.as_ref().map(key))
                 .collect()
         }
@@ -317,6 +323,16 @@ async fn decide_and_commit(pool: &PgPool, group: &[&Command]) -> anyhow::Result<
     let keyed: Vec<&Keyed> = ready.iter().filter_map(|c| keyed_of(c)).collect();
     let stored = idempotency::stored_answers(&mut tx, &keyed).await?;
     let now = Sales::now();
+    // No two commands of the group share a buyer (their allowance locks
+    // are streams too), so each is decided on its buyer's count alone.
+    let buyers: Vec<_> = ready
+        .iter()
+        .filter_map(|c| match c {
+            Command::Place(p) => p.order.buyer(&p.show).map(|u| (p.order.show_id, u)),
+            _ => None,
+        })
+        .collect();
+    let live = event_log::live_seats(&mut tx, &buyers, now).await?;
     let mut append = Append::default();
     let mut versions = Versions::default();
     let mut outcomes = Vec::with_capacity(group.len());
@@ -377,7 +393,11 @@ async fn decide_and_commit(pool: &PgPool, group: &[&Command]) -> anyhow::Result<
                 Some((label.clone(), loaded))
             })
             .collect();
-        let reply = match sales::decide_place(&placement.show, order, &own, now) {
+        let buyer_seats = live
+            .get(&(order.show_id, order.user_id))
+            .copied()
+            .unwrap_or(0);
+        let reply = match sales::decide_place(&placement.show, order, &own, buyer_seats, now) {
             Ok(Placed::Decided { changes, booking }) => {
                 let none = BTreeMap::<domain::BookingId, Loaded<Booking>>::new();
                 let token = sales::token_for(order.show_id, &changes, &own, &none);

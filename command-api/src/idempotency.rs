@@ -9,12 +9,19 @@
 //! with the answer, in the same transaction as the events it describes, so
 //! a key and its events commit together or not at all: a crash or a 5xx
 //! leaves no key behind, and the retry runs the command afresh.
+//!
+//! Keys belong to their user: two clients that happen to pick the same key
+//! never meet. The stored `route` column holds the route and the user
+//! (`POST /bookings by <sub>`), which also keys the advisory lock; with
+//! `AUTH_DISABLED` it holds the route alone, as in version 1.0.
 
 use std::collections::HashMap;
 
 use axum::http::HeaderMap;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
+
+use service_kit::auth::Caller;
 
 use crate::error::ApiError;
 use crate::reply::Reply;
@@ -31,21 +38,23 @@ const IN_FLIGHT_WAIT_MS: i32 = 5_000;
 /// A request that carries a key.
 #[derive(Debug, Clone)]
 pub struct Keyed {
-    route: &'static str,
+    /// The route and the key's user: what the key is unique within.
+    route: String,
     key: String,
     request: Vec<u8>,
 }
 
 impl Keyed {
-    /// Reads the key, if any, of a request to `route` whose canonical form is
-    /// `request` (the parsed body re-serialized, so that formatting does not
-    /// make two equal requests differ).
+    /// Reads the key, if any, of `caller`'s request to `route` whose
+    /// canonical form is `request` (the parsed body re-serialized, so that
+    /// formatting does not make two equal requests differ).
     ///
     /// # Errors
     /// 422 when the key is empty, too long or not visible ASCII.
     pub fn from_headers(
         headers: &HeaderMap,
         route: &'static str,
+        caller: &Caller,
         request: &impl serde::Serialize,
     ) -> Result<Option<Self>, ApiError> {
         let Some(value) = headers.get(HEADER) else {
@@ -62,6 +71,10 @@ impl Keyed {
                 )
             })?;
         let request = serde_json::to_vec(request).map_err(|e| ApiError::Internal(e.into()))?;
+        let route = match caller.user() {
+            Some(user) => format!("{route} by {user}"),
+            None => route.to_owned(),
+        };
         Ok(Some(Self {
             route,
             key: key.to_owned(),
@@ -92,7 +105,7 @@ pub async fn claim(conn: &mut PgConnection, keyed: &Keyed) -> Result<Claim, ApiE
     .bind(keyed.lock_key().0)
     .bind(keyed.lock_key().1)
     .bind(IN_FLIGHT_WAIT_MS)
-    .bind(keyed.route)
+    .bind(&keyed.route)
     .bind(&keyed.key)
     .fetch_optional(&mut *conn)
     .await;
@@ -118,7 +131,7 @@ pub async fn refuse(pool: &PgPool, keyed: &Keyed, refusal: &Reply) -> Result<Rep
     .bind(keyed.lock_key().0)
     .bind(keyed.lock_key().1)
     .bind(IN_FLIGHT_WAIT_MS)
-    .bind(keyed.route)
+    .bind(&keyed.route)
     .bind(&keyed.key)
     .bind(&keyed.request)
     .bind(i16::try_from(refusal.status.as_u16()).unwrap_or(i16::MAX))
@@ -148,7 +161,7 @@ pub async fn stored_answers(
            JOIN unnest($1::text[], $2::text[]) AS u(route, key)
              ON k.route = u.route AND k.key = u.key",
     )
-    .bind(keys.iter().map(|k| k.route).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.route.as_str()).collect::<Vec<_>>())
     .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
     .fetch_all(conn)
     .await?;
@@ -173,15 +186,15 @@ impl Keyed {
     /// The key's advisory lock, in the two-key space (which never meets
     /// the stream locks' one-key space).
     pub fn lock_key(&self) -> (i32, i32) {
-        let hash = crate::event_log::stream_key(self.route, &self.key).to_be_bytes();
+        let hash = crate::event_log::stream_key(&self.route, &self.key).to_be_bytes();
         let half =
             |at: usize| i32::from_be_bytes([hash[at], hash[at + 1], hash[at + 2], hash[at + 3]]);
         (half(0), half(4))
     }
 
     /// The route and key, which name its stored answer.
-    pub(crate) fn name(&self) -> (&'static str, &str) {
-        (self.route, &self.key)
+    pub(crate) fn name(&self) -> (&str, &str) {
+        (&self.route, &self.key)
     }
 
     /// The stored answer of `row`, for this request.
@@ -205,8 +218,8 @@ impl Keyed {
 /// A first answer to keep for a key, written with the events it describes.
 #[derive(Debug, Clone)]
 pub struct Stored {
-    /// The key's route.
-    pub route: &'static str,
+    /// The key's route and user.
+    pub route: String,
     /// The key.
     pub key: String,
     /// The canonical request.
@@ -223,7 +236,7 @@ impl Keyed {
     /// `reply` as the first answer to this key.
     pub fn stored(&self, reply: &Reply) -> Stored {
         Stored {
-            route: self.route,
+            route: self.route.clone(),
             key: self.key.clone(),
             request: self.request.clone(),
             status: i16::try_from(reply.status.as_u16()).unwrap_or(i16::MAX),
@@ -247,7 +260,7 @@ pub async fn remember(
         "INSERT INTO idempotency_keys (route, key, request, status, headers, body)
          VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(keyed.route)
+    .bind(&keyed.route)
     .bind(&keyed.key)
     .bind(&keyed.request)
     .bind(i16::try_from(reply.status.as_u16()).unwrap_or(i16::MAX))

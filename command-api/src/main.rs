@@ -1,7 +1,8 @@
 //! `command-api`: serves the write API with the relay to Kafka (the
 //! default), applies the migrations and exits (`command-api migrate`),
-//! runs only the relay (`command-api relay`), or has the relay publish
-//! again what it has passed (`command-api republish`).
+//! runs only the relay (`command-api relay`), has the relay publish again
+//! what it has passed (`command-api republish`), or prints a development
+//! token (`command-api token`).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -44,6 +45,20 @@ enum Command {
               value_parser = clap::value_parser!(u64).range(0..=86_400))]
         wait_secs: u64,
     },
+    /// Print a bearer token signed with AUTH_JWT_SECRET, for development
+    /// and load tests (`scripts/services.sh token` runs this).
+    Token {
+        /// The user (`sub`): a UUID.
+        #[arg(long)]
+        sub: uuid::Uuid,
+        /// A role to grant; may be given more than once.
+        #[arg(long = "role", value_enum)]
+        roles: Vec<service_kit::auth::Role>,
+        /// How long the token lasts, in seconds.
+        #[arg(long, default_value_t = 3600,
+              value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+        ttl_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -62,6 +77,20 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Token {
+            sub,
+            roles,
+            ttl_secs,
+        } => {
+            let token = service_kit::auth::mint(
+                &cli.settings.auth,
+                sub,
+                &roles,
+                Duration::from_secs(ttl_secs),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Migrate => {
             let pool = startup::connect(&cli.settings).await?;
             startup::migrate(&pool).await?;

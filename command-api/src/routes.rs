@@ -5,11 +5,12 @@ use axum::extract::{FromRequest, FromRequestParts, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::Extension;
 use domain::{
-    Booking, BookingId, BookingState, Cents, Row, RowName, SeatLabel, SeatMap, Section,
+    Booking, BookingId, BookingState, Cents, Row, RowName, SeatLabel, SeatLimit, SeatMap, Section,
     SectionName, ShowDetails, ShowId, ShowName, Timestamp, UserId, VenueName, CONSISTENCY_HEADER,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use service_kit::auth::{AuthProblems, BearerScheme, Caller, RateProblems, Role};
 use service_kit::problem::Problem;
 use std::sync::Arc;
 use utoipa::ToSchema;
@@ -51,6 +52,10 @@ pub struct NewShow {
     /// are row names across the whole show. At most 100,000 seats in all.
     #[schema(min_items = 1)]
     pub sections: Vec<NewSection>,
+    /// Most live seats (held or bought) one buyer may have in the show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub max_seats_per_user: Option<i64>,
 }
 
 /// A section of a new show.
@@ -60,8 +65,8 @@ pub struct NewSection {
     /// The section's name: up to 100 characters, not blank.
     #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     pub name: String,
-    /// Price of each seat, in cents.
-    #[schema(minimum = 0)]
+    /// Price of each seat, in cents: 0 to 1,000,000,000.
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub price_cents: i64,
     /// Its rows.
     #[schema(min_items = 1)]
@@ -108,6 +113,7 @@ impl NewShow {
             venue: VenueName::new(&self.venue)?,
             starts_at: self.starts_at,
             seat_map: SeatMap::new(sections)?,
+            max_seats_per_user: self.max_seats_per_user.map(SeatLimit::new).transpose()?,
         })
     }
 }
@@ -173,14 +179,19 @@ pub struct ShowCreated {
             headers(("Retry-After" = u32, description = "seconds"))),
         (status = 422, description = "a member missing, unknown or of the wrong type (`bad-body`); a rule of the \
             seat map broken (`invalid-request`); a malformed `Idempotency-Key`, or one reused with another body", body = Problem, content_type = "application/problem+json"),
-        WriteProblems))]
+        WriteProblems, AuthProblems, RateProblems),
+    security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(show_id = tracing::field::Empty))]
 pub async fn create_show(
+    caller: Caller,
     State(sales): State<Sales>,
     headers: HeaderMap,
     Json(body): Json<NewShow>,
 ) -> Result<Reply, ApiError> {
-    let keyed = Keyed::from_headers(&headers, "POST /shows", &body)?;
+    if !caller.has(Role::Organizer) {
+        return Err(ApiError::Forbidden("only an organizer may create shows"));
+    }
+    let keyed = Keyed::from_headers(&headers, "POST /shows", &caller, &body)?;
     let show_id = ShowId::from_uuid(uuid::Uuid::new_v4());
     tracing::Span::current().record("show_id", tracing::field::display(show_id));
     let details = body.into_details(show_id)?;
@@ -210,9 +221,11 @@ pub struct NewBooking {
     /// The show.
     #[schema(format = Uuid)]
     pub show_id: String,
-    /// The buyer.
+    /// The buyer: the token's user when left out. Another user's id is
+    /// refused (403) unless the token is an admin's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(format = Uuid)]
-    pub user_id: String,
+    pub user_id: Option<String>,
     /// Seat labels such as `A1`: 1 to 10 different seats of the show.
     #[schema(value_type = Vec<SeatLabelText>, min_items = 1, max_items = 10)]
     pub seats: Vec<String>,
@@ -275,13 +288,29 @@ impl BookingView {
     }
 }
 
-/// Parses the body's ids and labels. Labels that cannot be seats of any show
-/// are reported with the show's unknown seats, as one list.
+/// Parses the body's ids and labels, and decides whose booking it is.
+/// Labels that cannot be seats of any show are reported with the show's
+/// unknown seats, as one list.
 fn parse_booking(
     body: &NewBooking,
+    caller: &Caller,
 ) -> Result<(ShowId, UserId, Vec<SeatLabel>, Vec<String>), ApiError> {
     let show_id: ShowId = body.show_id.parse()?;
-    let user_id: UserId = body.user_id.parse()?;
+    let named: Option<UserId> = body.user_id.as_deref().map(str::parse).transpose()?;
+    let user_id =
+        match (named, caller.user()) {
+            (Some(named), _) if caller.acts_for(named.as_uuid()) => named,
+            (Some(_), _) => return Err(ApiError::Forbidden(
+                "a booking can only be made in one's own name (user_id is not the token's user)",
+            )),
+            (None, Some(user)) => UserId::from_uuid(user),
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "user_id is required when authentication is disabled",
+                    serde_json::Map::new(),
+                ))
+            }
+        };
     let mut labels = Vec::with_capacity(body.seats.len());
     let mut malformed = Vec::new();
     for text in &body.seats {
@@ -299,20 +328,23 @@ fn parse_booking(
         description = "retry-safe key, 1 to 255 visible ASCII characters")),
     responses((status = 201, body = BookingView, headers(("Location" = String, description = "the booking's path"), ("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
         (status = 404, description = "unknown show", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "seats unavailable (`unavailable_seats`), or the same key in flight \
+        (status = 409, description = "seats unavailable (`unavailable_seats`), over the show's seat \
+            limit per buyer (`seat-limit`, with `limit` and `current`), or the same key in flight \
             (`in_progress`, with `Retry-After`)", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "seconds, when in flight"))),
         (status = 422, description = "a member missing, unknown or of the wrong type (`bad-body`); an id that is \
             not a UUID, a seat list that is empty, too long, repeats a seat or names seats the show lacks \
             (`unknown_seats`); a malformed `Idempotency-Key`, or one reused with another body", body = Problem, content_type = "application/problem+json"),
-        WriteProblems))]
+        WriteProblems, AuthProblems, RateProblems),
+    security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(show_id = %body.show_id, booking_id = tracing::field::Empty))]
 pub async fn place_booking(
+    caller: Caller,
     State(sales): State<Sales>,
     headers: HeaderMap,
     Json(body): Json<NewBooking>,
 ) -> Result<Reply, ApiError> {
-    let keyed = Keyed::from_headers(&headers, "POST /bookings", &body)?;
-    let (show_id, user_id, labels, malformed) = parse_booking(&body)?;
+    let keyed = Keyed::from_headers(&headers, "POST /bookings", &caller, &body)?;
+    let (show_id, user_id, labels, malformed) = parse_booking(&body, &caller)?;
     let show = sales.show(show_id).await?;
     let hold_for =
         chrono::Duration::from_std(sales.hold_for).map_err(|e| ApiError::Internal(e.into()))?;
@@ -430,13 +462,15 @@ async fn enter_gate(
     responses((status = 200, body = BookingView, headers(("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
         (status = 404, description = "unknown or malformed booking id", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "expired or cancelled (`booking_status`)", body = Problem, content_type = "application/problem+json"),
-        ActionProblems))]
+        ActionProblems, AuthProblems, RateProblems),
+    security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(booking_id = %id))]
 pub async fn confirm_booking(
+    caller: Caller,
     State(sales): State<Sales>,
     Path(id): Path<String>,
 ) -> Result<Reply, ApiError> {
-    settle(&sales, &id, Settle::Confirm).await
+    settle(&sales, &caller, &id, Settle::Confirm).await
 }
 
 /// `POST /bookings/{id}/cancel`: cancels a booking and frees its seats.
@@ -444,24 +478,31 @@ pub async fn confirm_booking(
     responses((status = 200, body = BookingView, headers(("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
         (status = 404, description = "unknown or malformed booking id", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "expired (`booking_status`)", body = Problem, content_type = "application/problem+json"),
-        ActionProblems))]
+        ActionProblems, AuthProblems, RateProblems),
+    security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(booking_id = %id))]
 pub async fn cancel_booking(
+    caller: Caller,
     State(sales): State<Sales>,
     Path(id): Path<String>,
 ) -> Result<Reply, ApiError> {
-    settle(&sales, &id, Settle::Cancel).await
+    settle(&sales, &caller, &id, Settle::Cancel).await
 }
 
-async fn settle(sales: &Sales, id: &str, action: Settle) -> Result<Reply, ApiError> {
+async fn settle(
+    sales: &Sales,
+    caller: &Caller,
+    id: &str,
+    action: Settle,
+) -> Result<Reply, ApiError> {
     // A malformed id names no booking.
     let booking_id: BookingId = id.parse().map_err(|_| ApiError::NotFound("booking"))?;
     let lock_wait = sales.lock_wait;
     sales
         .transact(None, |conn| {
-            let signer = sales.clone();
+            let (signer, caller) = (sales.clone(), caller.clone());
             Box::pin(async move {
-                let decided = Sales::settle(conn, booking_id, action, lock_wait).await?;
+                let decided = Sales::settle(conn, &caller, booking_id, action, lock_wait).await?;
                 let view = BookingView::of(&decided.booking, decided.now)?;
                 let mut reply = Reply::json(StatusCode::OK, &view);
                 with_token(&mut reply, &signer.signed(&decided.token));
@@ -505,7 +546,8 @@ pub async fn readyz(
 /// The OpenAPI document.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "ticketing command-api", version = "1"),
+    info(title = "ticketing command-api", version = "1.1"),
+    modifiers(&BearerScheme),
     paths(create_show, place_booking, confirm_booking, cancel_booking),
     components(schemas(
         NewShow,
@@ -539,6 +581,14 @@ mod tests {
         assert_eq!(
             schema("NewRow")["seats"]["maximum"],
             domain::show::MAX_SEATS_PER_SHOW
+        );
+        assert_eq!(
+            schema("NewSection")["price_cents"]["maximum"],
+            domain::show::MAX_PRICE_CENTS
+        );
+        assert_eq!(
+            show["max_seats_per_user"]["maximum"],
+            domain::show::MAX_SEATS_PER_USER
         );
         assert_eq!(
             schema("NewBooking")["seats"]["maxItems"],

@@ -16,6 +16,7 @@ use domain::{
     Booking, BookingId, BookingStatus, ConsistencyToken, Seat, SeatLabel, Show, ShowDetails,
     ShowId, Timestamp, TokenKey, UserId,
 };
+use service_kit::auth::Caller;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 
@@ -372,6 +373,7 @@ impl Sales {
     ) -> Result<Decided, ApiError> {
         let show_id = order.show_id;
         let booking_id = order.booking_id;
+        let buyer = order.buyer(show);
         // Checked before any lock, so bad requests never queue behind buyers.
         Self::check(show, &order)?;
         let before = Self::now();
@@ -384,6 +386,7 @@ impl Sales {
                     show_id,
                     &order.seats,
                     &[booking_id],
+                    buyer,
                     LockWait::Never,
                 )
                 .await?,
@@ -430,6 +433,7 @@ impl Sales {
                     show_id,
                     &seats,
                     &bookings,
+                    buyer,
                     LockWait::Upto(lock_wait),
                 )
                 .await?;
@@ -464,7 +468,8 @@ impl Sales {
                 .filter(|label| !held.seats.contains(label))
                 .collect();
             let extra =
-                event_log::lock_and_load(conn, show_id, &seats, &holders, LockWait::Never).await?;
+                event_log::lock_and_load(conn, show_id, &seats, &holders, None, LockWait::Never)
+                    .await?;
             if !extra.locked {
                 return Err(LogError::Conflict.into());
             }
@@ -483,6 +488,11 @@ impl Sales {
             },
             now,
         )?;
+        if let Some(user) = buyer {
+            let live = event_log::live_seats(conn, &[(show_id, user)], now).await?;
+            let current = live.get(&(show_id, user)).copied().unwrap_or(0);
+            box_office::check_seat_limit(show, current, order.seats.len())?;
+        }
         let after = after(&Booking::default(), booking_id, &changes);
         let token =
             append_changes(conn, show_id, changes, &streams.seats, &streams.bookings).await?;
@@ -499,26 +509,46 @@ impl Sales {
     /// A confirm or cancel that finds the hold lapsed records the expiry in
     /// the same transaction and then answers 409 `expired`.
     ///
+    /// Only the booking's buyer, or an admin, may settle it: anyone else is
+    /// refused before anything is locked or written. A confirm holds the
+    /// buyer's allowance lock: it turns a hold that would lapse into seats
+    /// kept, which a concurrent booking of the buyer must see.
+    ///
     /// # Errors
-    /// [`ApiError::NotFound`], [`ApiError::BookingClosed`], store errors.
+    /// [`ApiError::NotFound`], [`ApiError::Forbidden`],
+    /// [`ApiError::BookingClosed`], store errors.
     pub async fn settle(
         conn: &mut PgConnection,
+        caller: &Caller,
         booking_id: BookingId,
         action: Settle,
         lock_wait: Duration,
     ) -> Result<Decided, ApiError> {
-        let (show_id, labels) = booking_seats(conn, booking_id)
+        let (show_id, user_id, labels) = booking_seats(conn, booking_id)
             .await?
             .ok_or(ApiError::NotFound("booking"))?;
-        let mut streams =
-            event_log::lock_and_load(conn, show_id, &labels, &[booking_id], LockWait::Never)
-                .await?;
+        if !caller.acts_for(user_id.as_uuid()) {
+            return Err(ApiError::Forbidden(
+                "only the booking's buyer or an admin may change it",
+            ));
+        }
+        let buyer = (action == Settle::Confirm).then_some(user_id);
+        let mut streams = event_log::lock_and_load(
+            conn,
+            show_id,
+            &labels,
+            &[booking_id],
+            buyer,
+            LockWait::Never,
+        )
+        .await?;
         if !streams.locked {
             streams = event_log::lock_and_load(
                 conn,
                 show_id,
                 &labels,
                 &[booking_id],
+                buyer,
                 LockWait::Upto(lock_wait),
             )
             .await?;
@@ -567,11 +597,11 @@ impl Sales {
     /// # Errors
     /// Store errors.
     pub async fn expire(conn: &mut PgConnection, booking_id: BookingId) -> Result<bool, ApiError> {
-        let Some((show_id, labels)) = booking_seats(conn, booking_id).await? else {
+        let Some((show_id, _, labels)) = booking_seats(conn, booking_id).await? else {
             return Ok(false);
         };
         let streams =
-            event_log::lock_and_load(conn, show_id, &labels, &[booking_id], LockWait::Never)
+            event_log::lock_and_load(conn, show_id, &labels, &[booking_id], None, LockWait::Never)
                 .await?;
         if !streams.locked {
             return Ok(false);
@@ -646,6 +676,14 @@ pub struct Order {
 }
 
 impl Order {
+    /// The buyer whose allowance the order is decided with: `None` when
+    /// `show` sets no per-buyer limit (then nothing is locked or read).
+    pub(crate) fn buyer(&self, show: &Show) -> Option<UserId> {
+        show.details()
+            .and_then(|d| d.max_seats_per_user)
+            .map(|_| self.user_id)
+    }
+
     /// The box office's request, decided at `now`.
     pub(crate) fn request(&self, now: Timestamp) -> BookingRequest {
         BookingRequest {
@@ -678,7 +716,8 @@ pub enum Placed {
     NeedsLapsedHolders,
 }
 
-/// Decides `order` at `now` from its seats (loaded under their locks).
+/// Decides `order` at `now` from its seats and its buyer's live seats in
+/// the show (all loaded under their locks).
 ///
 /// # Errors
 /// The box office's refusals.
@@ -686,6 +725,7 @@ pub(crate) fn decide_place(
     show: &Show,
     order: &Order,
     seats: &BTreeMap<SeatLabel, Loaded<Seat>>,
+    buyer_seats: u32,
     now: Timestamp,
 ) -> Result<Placed, ApiError> {
     let seat_states = states(seats);
@@ -702,6 +742,7 @@ pub(crate) fn decide_place(
         },
         now,
     )?;
+    box_office::check_seat_limit(show, buyer_seats, order.seats.len())?;
     let booking = after(&Booking::default(), order.booking_id, &changes);
     Ok(Placed::Decided { changes, booking })
 }
@@ -725,12 +766,13 @@ struct Held {
     bookings: BTreeSet<BookingId>,
 }
 
-/// A booking's show and seats, from a committed snapshot: what it locks
-/// (a booking's details never change once written). `None`: no booking.
+/// A booking's show, buyer and seats, from a committed snapshot: what it
+/// locks (a booking's details never change once written). `None`: no
+/// booking.
 async fn booking_seats(
     conn: &mut PgConnection,
     booking_id: BookingId,
-) -> Result<Option<(ShowId, Vec<SeatLabel>)>, LogError> {
+) -> Result<Option<(ShowId, UserId, Vec<SeatLabel>)>, LogError> {
     let bookings = event_log::load_bookings(conn, &[booking_id]).await?;
     Ok(bookings
         .get(&booking_id)
@@ -738,6 +780,7 @@ async fn booking_seats(
         .map(|details| {
             (
                 details.show_id,
+                details.user_id,
                 details.seats.iter().map(|s| s.label.clone()).collect(),
             )
         }))

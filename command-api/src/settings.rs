@@ -65,12 +65,18 @@ pub struct Settings {
     /// The relay's settings.
     #[command(flatten)]
     pub relay: crate::relay::RelaySettings,
-    /// Log as JSON lines instead of text.
     /// Secret shared with query-api that signs consistency tokens (at
     /// least 16 bytes).
     #[arg(long, env = "CONSISTENCY_KEY", default_value = domain::consistency::DEVELOPMENT_KEY,
           hide_default_value = true)]
     pub consistency_key: String,
+    /// How bearer tokens are verified.
+    #[command(flatten)]
+    pub auth: service_kit::auth::AuthSettings,
+    /// How fast each user and address may call.
+    #[command(flatten)]
+    pub rates: service_kit::rate_limit::RateSettings,
+    /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
 }

@@ -8,6 +8,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{middleware, Extension, Router};
+use service_kit::auth::Access;
 use service_kit::connect::PoolSettings;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -31,7 +32,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// The HTTP routes, for the server and for tests.
-pub fn router(sales: Sales, relay: RelayStatus) -> Router {
+pub fn router(sales: Sales, relay: RelayStatus, access: Access) -> Router {
     Router::new()
         .route("/shows", post(routes::create_show))
         .route("/bookings", post(routes::place_booking))
@@ -45,6 +46,10 @@ pub fn router(sales: Sales, relay: RelayStatus) -> Router {
         )
         .fallback(service_kit::problem::no_such_route)
         .method_not_allowed_fallback(service_kit::problem::no_such_method)
+        .layer(middleware::from_fn_with_state(
+            access,
+            service_kit::auth::guard,
+        ))
         .layer(Extension(relay))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(|request, next| {
@@ -96,6 +101,7 @@ pub struct App {
     listener: TcpListener,
     sales: Sales,
     relay: Option<Relay>,
+    access: Access,
     settings: Settings,
 }
 
@@ -105,6 +111,9 @@ impl App {
     /// # Errors
     /// When Postgres is unreachable, a migration fails or the address is taken.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Before any connection: a service that cannot check tokens must
+        // not start, whatever else is up.
+        let access = Access::from_settings(&settings.auth, &settings.rates)?;
         let pool = connect(&settings).await?;
         migrate(&pool).await?;
         let listener = TcpListener::bind(settings.addr)
@@ -138,6 +147,7 @@ impl App {
             listener,
             sales,
             relay,
+            access,
             settings,
         })
     }
@@ -169,10 +179,15 @@ impl App {
             .relay
             .map(|relay| tokio::spawn(relay.run(stop.clone())));
         tracing::info!(addr = %self.listener.local_addr()?, "command-api listening");
-        let served = axum::serve(self.listener, router(self.sales.clone(), relay_status))
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .await
-            .context("server failed");
+        let app = router(self.sales.clone(), relay_status, self.access.clone());
+        // The peer address keys the rate limit of requests without a token.
+        let served = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await
+        .context("server failed");
         stop.cancel();
         let _ = sweeper.await;
         if let Some(relay) = relay {
