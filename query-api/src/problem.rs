@@ -17,6 +17,9 @@ pub enum QueryError {
     /// A query parameter that cannot be read (a page cursor, a limit).
     #[error("{0}")]
     BadQuery(String),
+    /// 403: the caller may not read this booking or user's bookings.
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// The read models did not reflect the token's write in time.
     #[error("the read models did not reach the write within {0} s; retry")]
     NotYetConsistent(u64),
@@ -54,6 +57,7 @@ impl QueryError {
     fn status(&self) -> StatusCode {
         match self {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BadToken(_) | Self::BadQuery(_) => StatusCode::BAD_REQUEST,
             Self::NotYetConsistent(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Busy | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -63,6 +67,7 @@ impl QueryError {
     fn kind(&self) -> &'static str {
         match self {
             Self::NotFound(_) => "not-found",
+            Self::Forbidden(_) => "forbidden",
             Self::BadToken(_) => "bad-consistency-token",
             Self::BadQuery(_) => "bad-query",
             Self::NotYetConsistent(_) => "not-yet-consistent",
@@ -74,6 +79,7 @@ impl QueryError {
     fn title(&self) -> &'static str {
         match self {
             Self::NotFound(_) => "Not found",
+            Self::Forbidden(_) => "Forbidden",
             Self::BadToken(_) => "Malformed consistency token",
             Self::BadQuery(_) => "Malformed query parameter",
             Self::NotYetConsistent(_) => "Read models not yet consistent",

@@ -17,6 +17,7 @@ use mongodb::bson::{doc, Document};
 use mongodb::options::FindOptions;
 use mongodb::Collection;
 use serde::{Deserialize, Serialize};
+use service_kit::auth::{AuthProblems, BearerScheme, Caller, RateProblems};
 use service_kit::problem::Problem;
 use tokio::time::Instant;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -40,6 +41,7 @@ pub const DEFAULT_BOOKINGS_PAGE: i64 = 500;
         title = "ticketing query-api",
         description = "Reads of shows, availability and bookings."
     ),
+    modifiers(&BearerScheme),
     paths(list_shows, show, availability, booking, user_bookings),
     components(schemas(
         ShowList,
@@ -104,6 +106,11 @@ pub struct ShowView {
     pub booked: i64,
     /// Sections in seat-map order.
     pub sections: Vec<SectionView>,
+    /// Most live seats (held or bought) one buyer may have; absent: no
+    /// limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub max_seats_per_user: Option<u32>,
 }
 
 /// A section with its rows and counts.
@@ -303,7 +310,7 @@ impl Page {
 /// `GET /shows`: shows by start time, a page at a time.
 #[utoipa::path(get, path = "/shows", params(Page, ReadHeaders),
     responses((status = 200, body = ShowList, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
-        ReadProblems))]
+        ReadProblems, RateProblems))]
 pub async fn list_shows(
     State(reads): State<Reads>,
     page: Result<Query<Page>, QueryRejection>,
@@ -397,7 +404,7 @@ fn page_after<T>(items: &mut Vec<T>, limit: i64, link: impl Fn(&T) -> String) ->
 #[utoipa::path(get, path = "/shows/{id}", params(("id" = String, Path, format = Uuid), ReadHeaders),
     responses((status = 200, body = ShowView, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
         (status = 404, description = "unknown show", body = Problem, content_type = "application/problem+json"),
-        ReadProblems))]
+        ReadProblems, RateProblems))]
 pub async fn show(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -444,6 +451,7 @@ pub async fn show(
                 booked: counts.booked,
             })
             .collect(),
+        max_seats_per_user: show.max_seats_per_user,
     };
     Ok(tagged(&headers, &view))
 }
@@ -453,7 +461,7 @@ pub async fn show(
     params(("id" = String, Path, format = Uuid), SectionFilter, ReadHeaders),
     responses((status = 200, body = Availability, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
         (status = 404, description = "unknown show or section", body = Problem, content_type = "application/problem+json"),
-        ReadProblems))]
+        ReadProblems, RateProblems))]
 pub async fn availability(
     State(reads): State<Reads>,
     Path(id): Path<String>,
@@ -554,8 +562,10 @@ pub async fn availability(
 #[utoipa::path(get, path = "/bookings/{id}", params(("id" = String, Path, format = Uuid), ReadHeaders),
     responses((status = 200, body = BookingView, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
         (status = 404, description = "unknown booking", body = Problem, content_type = "application/problem+json"),
-        ReadProblems))]
+        ReadProblems, AuthProblems, RateProblems),
+    security(("bearer" = [])))]
 pub async fn booking(
+    caller: Caller,
     State(reads): State<Reads>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -580,6 +590,12 @@ pub async fn booking(
             None => generation = reads.after_miss(generation, BOOKINGS, "booking").await?,
         }
     };
+    let owner = booking.user_id.parse::<UserId>().ok();
+    if !owner.is_some_and(|owner| caller.acts_for(owner.as_uuid())) {
+        return Err(QueryError::Forbidden(
+            "only the booking's buyer or an admin may read it",
+        ));
+    }
     Ok(tagged(&headers, &view_of(&booking)))
 }
 
@@ -588,8 +604,10 @@ pub async fn booking(
     params(("id" = String, Path, format = Uuid), Page, ReadHeaders),
     responses((status = 200, body = BookingList, headers(("ETag" = String, description = "the answer's version, for `If-None-Match`"))),
         (status = 404, description = "malformed user id", body = Problem, content_type = "application/problem+json"),
-        ReadProblems))]
+        ReadProblems, AuthProblems, RateProblems),
+    security(("bearer" = [])))]
 pub async fn user_bookings(
+    caller: Caller,
     State(reads): State<Reads>,
     Path(id): Path<String>,
     page: Result<Query<Page>, QueryRejection>,
@@ -597,6 +615,11 @@ pub async fn user_bookings(
 ) -> Result<Response, QueryError> {
     let Query(page) = page?;
     let user_id: UserId = id.parse().map_err(|_| QueryError::NotFound("user"))?;
+    if !caller.acts_for(user_id.as_uuid()) {
+        return Err(QueryError::Forbidden(
+            "only the user or an admin may read a user's bookings",
+        ));
+    }
     let limit = page.limit(DEFAULT_BOOKINGS_PAGE)?;
     let after = page.after()?;
     if let Some(token) = token(&reads, &headers)? {

@@ -1,6 +1,7 @@
 //! Wiring: settings, the MongoDB handle, the generation being read, the
 //! router and the server.
 
+use service_kit::auth::Access;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -61,6 +62,12 @@ pub struct Settings {
     #[arg(long, env = "CONSISTENCY_KEY", default_value = domain::consistency::DEVELOPMENT_KEY,
           hide_default_value = true)]
     pub consistency_key: String,
+    /// How bearer tokens are verified.
+    #[command(flatten)]
+    pub auth: service_kit::auth::AuthSettings,
+    /// How fast each user and address may call.
+    #[command(flatten)]
+    pub rates: service_kit::rate_limit::RateSettings,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -306,7 +313,7 @@ fn generation_of(value: Option<&mongodb::bson::Bson>) -> Option<u32> {
 }
 
 /// The routes, for the server and for tests.
-pub fn router(reads: Reads) -> Router {
+pub fn router(reads: Reads, access: Access) -> Router {
     let limit = reads.request_timeout();
     Router::new()
         .route("/shows", get(routes::list_shows))
@@ -322,6 +329,10 @@ pub fn router(reads: Reads) -> Router {
         )
         .fallback(service_kit::problem::no_such_route)
         .method_not_allowed_fallback(service_kit::problem::no_such_method)
+        .layer(middleware::from_fn_with_state(
+            access,
+            service_kit::auth::guard,
+        ))
         // A read that takes longer than its token wait and a few MongoDB
         // operations is a 503 problem with `Retry-After`, so that no request
         // outlives the grace a replaced generation is kept for.
@@ -346,6 +357,7 @@ async fn readyz(State(reads): State<Reads>) -> Result<Json<serde_json::Value>, Q
 pub struct App {
     listener: TcpListener,
     reads: Reads,
+    access: Access,
 }
 
 impl App {
@@ -355,6 +367,9 @@ impl App {
     /// # Errors
     /// Unreachable MongoDB, malformed URI, address in use.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Before any connection: a service that cannot check tokens must
+        // not start, whatever else is up.
+        let access = Access::from_settings(&settings.auth, &settings.rates)?;
         let (client, hosts) = service_kit::connect::mongodb_client(
             &settings.mongodb_uri,
             Duration::from_millis(settings.mongodb_timeout_ms),
@@ -396,7 +411,11 @@ impl App {
         let listener = TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.addr))?;
-        Ok(Self { listener, reads })
+        Ok(Self {
+            listener,
+            reads,
+            access,
+        })
     }
 
     /// The bound address.
@@ -422,10 +441,14 @@ impl App {
             }
         });
         tracing::info!(addr = %self.addr()?, "query-api listening");
-        axum::serve(self.listener, router(self.reads))
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-            .context("server failed")?;
+        // The peer address keys the rate limit of requests without a token.
+        axum::serve(
+            self.listener,
+            router(self.reads, self.access).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+        .context("server failed")?;
         refresher.abort();
         Ok(())
     }
