@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use report::{Machine, Percentiles, Report};
+use service_kit::auth::{AuthSettings, Role};
 
 /// An on-sale scenario.
 #[derive(Debug, Clone, Parser, serde::Serialize)]
@@ -74,6 +75,28 @@ struct Scenario {
     /// Write the report as JSON here too.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// The secret the system's tokens are signed with (default: the one
+    /// `make up` keeps in .data/auth-secret). Every buyer books with a token
+    /// of its own, as a real buyer would.
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    auth_secret: Option<String>,
+}
+
+impl Scenario {
+    /// A token for `user`, signed as the system expects.
+    fn token(&self, user: Uuid, roles: &[Role]) -> anyhow::Result<String> {
+        let settings = AuthSettings {
+            jwt_secret: self.auth_secret.clone(),
+            ..AuthSettings::default()
+        };
+        Ok(service_kit::auth::mint(
+            &settings,
+            user,
+            roles,
+            Duration::from_secs(3600),
+        )?)
+    }
 }
 
 /// What the buyers were told, kept to check the system against.
@@ -114,12 +137,14 @@ impl Buyers {
         &self,
         kind: &'static str,
         path: &str,
+        token: &str,
         body: Value,
     ) -> anyhow::Result<(StatusCode, Value)> {
         let started = Instant::now();
         let response = self
             .http
             .post(format!("{}{path}", self.scenario.command_url))
+            .bearer_auth(token)
             .header("Idempotency-Key", Uuid::new_v4().to_string())
             .json(&body)
             .send()
@@ -151,8 +176,11 @@ impl Buyers {
     }
 
     /// One buyer's go: book (or hold), then confirm or cancel as the
-    /// scenario says.
-    async fn attempt(self: &Arc<Self>, user: &str) -> anyhow::Result<()> {
+    /// scenario says. Each go is a buyer of its own, with its own token:
+    /// a real buyer books a few times, not hundreds of times a second (which
+    /// the per-user rate limit would refuse).
+    async fn attempt(self: &Arc<Self>) -> anyhow::Result<()> {
+        let token = self.scenario.token(Uuid::new_v4(), &[])?;
         let (seats, hold, confirm, cancel) = {
             let mut rng = rand::rng();
             (
@@ -166,7 +194,8 @@ impl Buyers {
             .post(
                 "book",
                 "/bookings",
-                json!({"show_id": self.show, "user_id": user, "seats": seats, "hold": hold}),
+                &token,
+                json!({"show_id": self.show, "seats": seats, "hold": hold}),
             )
             .await?;
         let answered = Instant::now();
@@ -197,9 +226,9 @@ impl Buyers {
             .is_ok()
         {
             let buyers = self.clone();
-            let id = id.clone();
+            let (id, token) = (id.clone(), token.clone());
             tokio::spawn(async move {
-                buyers.probe_freshness(&id, answered).await;
+                buyers.probe_freshness(&id, &token, answered).await;
                 buyers.probes.fetch_sub(1, Ordering::Relaxed);
             });
         }
@@ -210,7 +239,7 @@ impl Buyers {
                 ("cancel", "cancel")
             };
             let (status, body) = self
-                .post(kind, &format!("/bookings/{id}/{path}"), json!({}))
+                .post(kind, &format!("/bookings/{id}/{path}"), &token, json!({}))
                 .await?;
             ensure!(status == StatusCode::OK, "{kind} answered {status}: {body}");
             state = if confirm { "confirmed" } else { "cancelled" };
@@ -218,7 +247,12 @@ impl Buyers {
         }
         if state == "confirmed" && cancel {
             let (status, body) = self
-                .post("cancel", &format!("/bookings/{id}/cancel"), json!({}))
+                .post(
+                    "cancel",
+                    &format!("/bookings/{id}/cancel"),
+                    &token,
+                    json!({}),
+                )
                 .await?;
             ensure!(status == StatusCode::OK, "cancel answered {status}: {body}");
             self.record(&id, &seats, "cancelled")?;
@@ -235,10 +269,10 @@ impl Buyers {
 
     /// Time from a 201 to `GET /bookings/{id}` answering 200, polling every
     /// 2 ms without a consistency token (what a client without one sees).
-    async fn probe_freshness(&self, id: &str, answered: Instant) {
+    async fn probe_freshness(&self, id: &str, token: &str, answered: Instant) {
         let url = format!("{}/bookings/{id}", self.scenario.query_url);
         while answered.elapsed() < Duration::from_secs(30) {
-            if let Ok(response) = self.http.get(&url).send().await {
+            if let Ok(response) = self.http.get(&url).bearer_auth(token).send().await {
                 if response.status() == StatusCode::OK {
                     if let Ok(mut ledger) = self.ledger.lock() {
                         ledger.freshness.push(answered.elapsed());
@@ -281,6 +315,7 @@ async fn create_show(
     }
     let response = http
         .post(format!("{}/shows", scenario.command_url))
+        .bearer_auth(scenario.token(Uuid::new_v4(), &[Role::Organizer])?)
         .json(
             &json!({"name": format!("On-sale {}", scenario.name), "venue": "Arena",
                       "starts_at": "2027-09-01T19:00:00Z",
@@ -362,7 +397,13 @@ async fn check_read_side(
     }
 }
 
-async fn run(scenario: Scenario) -> anyhow::Result<Report> {
+async fn run(mut scenario: Scenario) -> anyhow::Result<Report> {
+    if scenario.auth_secret.is_none() {
+        // What `make up` generated, when the bench runs from the checkout.
+        scenario.auth_secret = std::fs::read_to_string(".data/auth-secret")
+            .ok()
+            .map(|s| s.trim().to_owned());
+    }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(scenario.clients)
@@ -387,11 +428,10 @@ async fn run(scenario: Scenario) -> anyhow::Result<Report> {
         .map(|_| {
             let (buyers, barrier) = (buyers.clone(), barrier.clone());
             tokio::spawn(async move {
-                let user = Uuid::new_v4().to_string();
                 barrier.wait().await;
                 let began = Instant::now();
                 loop {
-                    buyers.attempt(&user).await?;
+                    buyers.attempt().await?;
                     if buyers.scenario.once || began.elapsed() >= deadline {
                         return anyhow::Ok(());
                     }

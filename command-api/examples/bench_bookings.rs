@@ -1,13 +1,15 @@
-//! Booking throughput and latency of the command-api against Postgres, next
-//! to the ceiling of the same Postgres measured in the same run: the same
-//! event rows inserted by one bare transaction per booking.
+//! Booking throughput and latency of the command-api against Postgres, with
+//! identity checked (a JWT per client, the user's rate counted) and without
+//! (`AUTH_DISABLED`), next to the ceiling of the same Postgres measured in
+//! the same run: the same event rows inserted by one bare transaction per
+//! booking.
 //!
 //! ```sh
 //! make up
 //! cargo run --release -p command-api --example bench_bookings -- --clients 32 --seconds 5 --rounds 3
 //! ```
 //!
-//! Rounds alternate baseline and service so that both see the same machine
+//! Rounds alternate baseline and services so that all see the same machine
 //! noise; the figures printed are medians over rounds.
 
 use std::sync::Arc;
@@ -167,24 +169,90 @@ async fn bare_booking(pool: &PgPool, client: usize, n: usize) -> bool {
     run.await.is_ok()
 }
 
+/// A command-api of the benchmark, on the shared database.
+struct Service {
+    base: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<Service> {
+    let app = App::build(settings).await?;
+    let base = format!("http://{}", app.addr()?);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(app.run_until(stop.clone()));
+    Ok(Service { base, stop, server })
+}
+
+/// Books two seats of the client's own row per call: with `tokens`, as the
+/// client's own user (a token each, the user taken from it); without, with
+/// the user in the body (`AUTH_DISABLED`).
+async fn measure_service(
+    args: &Args,
+    client: &reqwest::Client,
+    service: &Service,
+    tokens: Option<Arc<Vec<String>>>,
+) -> anyhow::Result<Figures> {
+    let show_id = new_show(client, &service.base, args.clients).await?;
+    let (client, base) = (client.clone(), service.base.clone());
+    Ok(measure(args.clients, args.seconds, move |c, n| {
+        // Seats 2n+1 and 2n+2 of the client's own row (a 409 once the row
+        // is sold out, counted as a failure).
+        let number = 2 * n + 1;
+        let seats = [
+            format!("{}{}", row_name(c), number),
+            format!("{}{}", row_name(c), number + 1),
+        ];
+        let mut request = client.post(format!("{base}/bookings"));
+        let body = match tokens.as_ref().and_then(|t| t.get(c)) {
+            Some(token) => {
+                request = request.bearer_auth(token);
+                json!({"show_id": show_id, "seats": seats})
+            }
+            None => json!({"show_id": show_id, "user_id": "00000000-0000-4000-8000-00000000000a",
+                           "seats": seats}),
+        };
+        async move { matches!(request.json(&body).send().await, Ok(r) if r.status() == 201) }
+    })
+    .await)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    ensure!(
+        (1..=676).contains(&args.clients),
+        "each client books from a row of its own: 1 to 676 clients"
+    );
     let db = TestDatabase::create()
         .await
         .context("Postgres (run `make up`)")?;
     let mut settings: Settings = test_settings(db.url());
     settings.max_connections = args.connections;
     settings.command_batch_max = args.batch_max;
-    let app = App::build(settings).await?;
-    let base = format!("http://{}", app.addr()?);
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(app.run_until(stop.clone()));
-    let client = reqwest::Client::new();
-
-    ensure!(
-        (1..=676).contains(&args.clients),
-        "each client books from a row of its own: 1 to 676 clients"
+    // The same service twice on the same database: without identity (1.0),
+    // and with every request's token verified and its user's rate counted
+    // (at a rate no client reaches, so that the cost is paid and nobody is
+    // refused).
+    let mut open = settings.clone();
+    open.auth = service_kit::auth::AuthSettings {
+        disabled: true,
+        ..service_kit::auth::AuthSettings::default()
+    };
+    let mut checked = settings;
+    checked.rates = service_kit::rate_limit::RateSettings {
+        user_per_sec: 1_000_000,
+        user_burst: 1_000_000,
+        address_per_sec: 1_000_000,
+        address_burst: 1_000_000,
+    };
+    let open = serve(open).await?;
+    let checked = serve(checked).await?;
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..args.clients)
+            .map(|_| ticketing_tests::auth::token(uuid::Uuid::new_v4(), &[]))
+            .collect(),
     );
 
     // As many connections as the service has: the ceiling of the same work.
@@ -192,36 +260,31 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(args.connections)
         .connect(&db.url())
         .await?;
-    let mut baseline = Vec::new();
-    let mut service = Vec::new();
+    let (mut baseline, mut unchecked, mut service) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
-        let pool = pool.clone();
+        let bare = pool.clone();
         baseline.push(
             measure(args.clients, args.seconds, move |c, n| {
-                let pool = pool.clone();
+                let pool = bare.clone();
                 async move { bare_booking(&pool, c, n + round * 1_000_000).await }
             })
             .await,
         );
-        let show_id = new_show(&client, &base, args.clients).await?;
-        let (client, base) = (client.clone(), base.clone());
-        service.push(
-            measure(args.clients, args.seconds, move |c, n| {
-                // Seats 2n+1 and 2n+2 of the client's own row (a 409 once
-                // the row is sold out, counted as a failure).
-                let number = 2 * n + 1;
-                let body = json!({"show_id": show_id, "user_id": "00000000-0000-4000-8000-00000000000a",
-                    "seats": [format!("{}{}", row_name(c), number), format!("{}{}", row_name(c), number + 1)]});
-                let (client, base) = (client.clone(), base.clone());
-                async move {
-                    matches!(client.post(format!("{base}/bookings")).json(&body).send().await,
-                             Ok(r) if r.status() == 201)
-                }
-            })
-            .await,
-        );
-        println!("round {round}: baseline {:?}", baseline[round]);
-        println!("round {round}: service  {:?}", service[round]);
+        // Alternating which goes first, so that neither always follows
+        // the baseline's writes.
+        let (first, second) = if round % 2 == 0 {
+            ((&open, None), (&checked, Some(Arc::clone(&tokens))))
+        } else {
+            ((&checked, Some(Arc::clone(&tokens))), (&open, None))
+        };
+        let a = measure_service(&args, &client, first.0, first.1.clone()).await?;
+        let b = measure_service(&args, &client, second.0, second.1.clone()).await?;
+        let (off, on) = if round % 2 == 0 { (a, b) } else { (b, a) };
+        unchecked.push(off);
+        service.push(on);
+        println!("round {round}: baseline  {:?}", baseline[round]);
+        println!("round {round}: auth off  {:?}", unchecked[round]);
+        println!("round {round}: auth on   {:?}", service[round]);
     }
 
     let median = |v: &[Figures], f: fn(&Figures) -> f64| {
@@ -229,28 +292,38 @@ async fn main() -> anyhow::Result<()> {
         x.sort_by(f64::total_cmp);
         x[x.len() / 2]
     };
-    let (b, s) = (&baseline, &service);
+    let (b, u, s) = (&baseline, &unchecked, &service);
     println!(
         "\n{} clients, {} rounds of {} s, COMMAND_BATCH_MAX {}, medians:",
         args.clients, args.rounds, args.seconds, args.batch_max
     );
     println!(
-        "bare Postgres transaction per booking: {:8.0} tx/s   p50 {:6.2} ms   p99 {:6.2} ms",
+        "bare Postgres transaction per booking:   {:8.0} tx/s        p50 {:6.2} ms   p99 {:6.2} ms",
         median(b, |f| f.per_second),
         median(b, |f| f.p50_ms),
         median(b, |f| f.p99_ms)
     );
+    for (name, figures) in [
+        ("auth off (AUTH_DISABLED)", u),
+        ("auth on (JWT + rate)   ", s),
+    ] {
+        println!(
+            "command-api, {name}: {:8.0} bookings/s  p50 {:6.2} ms   p99 {:6.2} ms   failures {}",
+            median(figures, |f| f.per_second),
+            median(figures, |f| f.p50_ms),
+            median(figures, |f| f.p99_ms),
+            figures.iter().map(|f| f.failures).sum::<usize>()
+        );
+    }
     println!(
-        "command-api POST /bookings (2 seats):  {:8.0} bookings/s  p50 {:6.2} ms   p99 {:6.2} ms   failures {}",
-        median(s, |f| f.per_second), median(s, |f| f.p50_ms), median(s, |f| f.p99_ms),
-        s.iter().map(|f| f.failures).sum::<usize>()
-    );
-    println!(
-        "ratio command-api / bare: {:.2} (throughput)",
+        "ratio auth on / auth off: {:.2}; auth on / bare: {:.2} (throughput)",
+        median(s, |f| f.per_second) / median(u, |f| f.per_second),
         median(s, |f| f.per_second) / median(b, |f| f.per_second)
     );
-    stop.cancel();
-    server.await??;
+    for service in [open, checked] {
+        service.stop.cancel();
+        service.server.await??;
+    }
     db.drop_database().await
 }
 
@@ -284,6 +357,11 @@ fn test_settings(database_url: String) -> Settings {
             relay_in_flight: 8,
         },
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     }
 }

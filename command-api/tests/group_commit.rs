@@ -241,7 +241,13 @@ async fn a_keys_first_answer_is_replayed_from_within_a_group() -> anyhow::Result
     let mut headers = HeaderMap::new();
     headers.insert("idempotency-key", HeaderValue::from_static("grouped-1"));
     let body = json!({"seats": ["A1"]});
-    let keyed = Keyed::from_headers(&headers, "POST /bookings", &body)?.context("a key")?;
+    let keyed = Keyed::from_headers(
+        &headers,
+        "POST /bookings",
+        &service_kit::auth::Caller::Unchecked,
+        &body,
+    )?
+    .context("a key")?;
     let first = sales
         .book(
             Some(&keyed),

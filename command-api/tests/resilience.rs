@@ -28,6 +28,7 @@ fn start_binary(database_url: &str, port: u16) -> anyhow::Result<Child> {
         .env("DATABASE_URL", database_url)
         .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
         .env("RELAY_ENABLED", "false")
+        .envs(ticketing_tests::auth::service_env())
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -59,6 +60,7 @@ async fn a_killed_process_loses_no_acknowledged_booking_and_leaves_the_log_consi
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .default_headers(ticketing_tests::auth::staff_headers())
         .build()?;
     let mut child = start_binary(&db.url(), port)?;
     wait_ready(&client, &base).await?;
@@ -239,7 +241,7 @@ async fn postgres_down_is_a_503_with_retry_after_and_recovery_is_automatic() -> 
     let base = format!("http://{}", app.addr()?);
     let stop = CancellationToken::new();
     let server = tokio::spawn(app.run_until(stop.clone()));
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
     let show = common::jazz_night();
 
     proxy.down();

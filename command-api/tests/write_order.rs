@@ -301,6 +301,7 @@ async fn sweepers_skip_holds_in_use_and_share_the_rest() -> anyhow::Result<()> {
         show_id.parse()?,
         &["A1".parse::<SeatLabel>()?],
         &[busy],
+        None,
         LockWait::Never,
     )
     .await?;
@@ -343,6 +344,7 @@ async fn a_hot_seat_neither_holds_the_pool_nor_slows_another_shows_buyers() -> a
         hot.parse()?,
         &["A1".parse::<SeatLabel>()?],
         &[],
+        None,
         LockWait::Never,
     )
     .await?;
@@ -482,6 +484,7 @@ async fn a_buyer_of_a_seat_of_a_lapsed_hold_waits_for_the_other_seats_buyer() ->
         show_id.parse()?,
         &["A2".parse::<SeatLabel>()?],
         &[],
+        None,
         LockWait::Never,
     )
     .await?;
@@ -541,8 +544,17 @@ async fn a_replayed_answer_does_not_make_waiting_buyers_think_the_seat_was_just_
         axum::http::HeaderValue::from_static("replayed"),
     );
     let parsed: command_api::routes::NewBooking = serde_json::from_value(body.clone())?;
-    let keyed = command_api::idempotency::Keyed::from_headers(&headers, "POST /bookings", &parsed)?
-        .context("a key")?;
+    let keyed = command_api::idempotency::Keyed::from_headers(
+        &headers,
+        "POST /bookings",
+        // The key is the client's operator's.
+        &service_kit::auth::Caller::User {
+            id: app.staff,
+            roles: Default::default(),
+        },
+        &parsed,
+    )?
+    .context("a key")?;
     let (high, low) = keyed.lock_key();
     let mut holder = app.db.pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")

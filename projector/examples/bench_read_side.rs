@@ -95,6 +95,11 @@ async fn main() -> anyhow::Result<()> {
             relay_in_flight: 8,
         },
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     };
     command_settings.max_connections = 16;
@@ -102,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
     let command = format!("http://{}", app.addr()?);
     let stop = CancellationToken::new();
     let command_task = tokio::spawn(app.run_until(stop.clone()));
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
 
     // The log.
     let mut shows = Vec::new();
@@ -271,6 +276,11 @@ async fn main() -> anyhow::Result<()> {
         consistency_wait_ms: 5000,
         consistency_max_waiters: 10_000,
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     })
     .await?;
@@ -375,7 +385,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn wait_published(command: &str, last_position: i64) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let ready: Value = client

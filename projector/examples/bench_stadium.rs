@@ -118,6 +118,11 @@ fn command_settings(db: &TestDatabase, topic: &str) -> command_api::settings::Se
             relay_in_flight: 8,
         },
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     }
 }
@@ -166,12 +171,17 @@ async fn main() -> anyhow::Result<()> {
         consistency_wait_ms: 10_000,
         consistency_max_waiters: 10_000,
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     })
     .await?;
     let query = format!("http://{}", query_app.addr()?);
     let query_task = tokio::spawn(query_app.run_until(stop.clone()));
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
 
     // 1. The show.
     let started = Instant::now();

@@ -166,7 +166,7 @@ async fn republish_gives_a_projector_what_the_text_ordered_relay_skipped() -> an
         "the faulty relay skipped only {} live bookings",
         unsent.len()
     );
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
     for id in &unsent {
         let answer = send(client.post(format!("{}/bookings/{id}/cancel", writes.base))).await?;
         ensure!(answer.status == 200, "{answer:?}");

@@ -68,7 +68,7 @@ async fn show_of(base: &str, rows: usize) -> anyhow::Result<String> {
     let rows: Vec<Value> = (0..rows)
         .map(|r| json!({"row": char::from(b'A' + u8::try_from(r).unwrap_or(0)).to_string(), "seats": 20}))
         .collect();
-    let created = send(reqwest::Client::new().post(format!("{base}/shows")).json(
+    let created = send(ticketing_tests::auth::staff_client().expect("an HTTP client").post(format!("{base}/shows")).json(
         &json!({"name": "Rebuild Night", "venue": "Hall", "starts_at": "2027-05-01T19:00:00Z",
                 "sections": [{"name": "Floor", "price_cents": 5000, "rows": rows}]}),
     ))
@@ -87,7 +87,8 @@ async fn book(
     seats: &[String],
 ) -> anyhow::Result<common::Answer> {
     send(
-        reqwest::Client::new()
+        ticketing_tests::auth::staff_client()
+            .expect("an HTTP client")
             .post(format!("{base}/bookings"))
             .json(&json!({"show_id": show, "user_id": user, "seats": seats})),
     )
@@ -143,7 +144,7 @@ async fn a_replay_under_load_never_shows_a_reader_an_older_state() -> anyhow::Re
             Arc::clone(&running),
         );
         buyers.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
             // Each buyer takes pairs of seats along rows of its own.
             for pair in 0..20 {
                 if !running.load(Ordering::Relaxed) {
@@ -187,7 +188,7 @@ async fn a_replay_under_load_never_shows_a_reader_an_older_state() -> anyhow::Re
             Arc::clone(&running),
         );
         tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
             while running.load(Ordering::Relaxed) {
                 let availability =
                     send(client.get(format!("{query}/shows/{show}/availability"))).await?;
@@ -587,7 +588,12 @@ async fn a_show_whose_writes_fail_for_good_is_parked_and_the_others_go_on() -> a
     // The broken show is parked...
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = send(reqwest::Client::new().get(format!("{health_url}/readyz"))).await?;
+        let ready = send(
+            ticketing_tests::auth::staff_client()
+                .expect("an HTTP client")
+                .get(format!("{health_url}/readyz")),
+        )
+        .await?;
         let parked = ready.body["projection"]["parked_shows"]
             .as_array()
             .cloned()
@@ -614,7 +620,8 @@ async fn a_show_whose_writes_fail_for_good_is_parked_and_the_others_go_on() -> a
         let id = answer.body["booking_id"].as_str().context("booking_id")?;
         let started = Instant::now();
         let read_back = send(
-            reqwest::Client::new()
+            ticketing_tests::auth::staff_client()
+                .expect("an HTTP client")
                 .get(format!("{query}/bookings/{id}"))
                 .header("X-Consistency-Token", answer.token.context("a token")?),
         )

@@ -86,7 +86,7 @@ async fn every_read_model_follows_a_scripted_sequence() -> anyhow::Result<()> {
     let projector = read.project(&writes.topic);
     let (query, query_service) = read.serve().await?;
     let s = Script {
-        client: reqwest::Client::new(),
+        client: ticketing_tests::auth::staff_client().expect("an HTTP client"),
         command: writes.base.clone(),
         query,
     };
@@ -384,7 +384,7 @@ async fn duplicated_and_replayed_messages_change_nothing() -> anyhow::Result<()>
     let read = ReadSide::new().await?;
     let projector = read.project(&writes.topic);
     let s = Script {
-        client: reqwest::Client::new(),
+        client: ticketing_tests::auth::staff_client().expect("an HTTP client"),
         command: writes.base.clone(),
         query: String::new(),
     };

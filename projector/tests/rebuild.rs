@@ -32,7 +32,7 @@ fn book_until(
                 Arc::clone(&placed),
             );
             tasks.push(tokio::spawn(async move {
-                let client = reqwest::Client::new();
+                let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
                 while !stop.load(Ordering::Relaxed) {
                     let dice = uuid::Uuid::new_v4().as_u128();
                     let row = ["A", "B", "C"][(dice % 3) as usize];
@@ -67,7 +67,8 @@ fn book_until(
 
 async fn new_show(base: &str) -> anyhow::Result<String> {
     let created = send(
-        reqwest::Client::new()
+        ticketing_tests::auth::staff_client()
+            .expect("an HTTP client")
             .post(format!("{base}/shows"))
             .json(&jazz_night()),
     )
@@ -93,7 +94,8 @@ async fn a_replay_while_writes_continue_equals_the_live_models() -> anyhow::Resu
     let shows = [new_show(&writes.base).await?, new_show(&writes.base).await?];
     // The reader below starts once the show is on the read side.
     let visible = send(
-        reqwest::Client::new()
+        ticketing_tests::auth::staff_client()
+            .expect("an HTTP client")
             .get(format!("{query}/shows/{}", shows[0]))
             .header(
                 "X-Consistency-Token",
@@ -113,7 +115,7 @@ async fn a_replay_while_writes_continue_equals_the_live_models() -> anyhow::Resu
     let reader = {
         let (query, show, reading) = (query.clone(), shows[0].clone(), Arc::clone(&reading));
         tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
             let mut statuses = Vec::new();
             while reading.load(Ordering::Relaxed) {
                 match send(client.get(format!("{query}/shows/{show}/availability"))).await {
@@ -322,7 +324,7 @@ async fn mongodb_down_is_a_503_and_nothing_is_lost() -> anyhow::Result<()> {
     let read = ReadSide::at(&mongo.uri()).await?;
     let projector = read.project(&writes.topic);
     let (query, query_service) = read.serve().await?;
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
     let show = new_show(&writes.base).await?;
     let book = |seat: &'static str| {
         let (client, base, show) = (client.clone(), writes.base.clone(), show.clone());

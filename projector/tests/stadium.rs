@@ -49,7 +49,7 @@ async fn a_show_of_100000_seats_is_created_projected_and_read() -> anyhow::Resul
     // blocks and 400 tallies can take over 5 s, and reading them whole
     // over 2 s.
     let (query, query_service) = read.serve_waiting(10_000, 30_000).await?;
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
     let created = create(&client, &writes, &stadium(5, 100, 200)).await?;
     ensure!(created.body["seats"] == 100_000, "{created:?}");
     let show = created.body["show_id"].as_str().context("show_id")?;
@@ -91,7 +91,7 @@ async fn a_20000_seat_show_equals_the_fold_of_its_log() -> anyhow::Result<()> {
     let writes = Writes::spawn(600).await?;
     let read = ReadSide::new().await?;
     let projector = read.project(&writes.topic);
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
     let created = create(&client, &writes, &stadium(2, 50, 200)).await?;
     let show = created.body["show_id"]
         .as_str()
@@ -150,7 +150,7 @@ async fn one_seat_booked_in_each_of_two_sections() -> anyhow::Result<Booked> {
     let read = ReadSide::new().await?;
     let projector = read.project(&writes.topic);
     let (query, query_service) = read.serve().await?;
-    let client = reqwest::Client::new();
+    let client = ticketing_tests::auth::staff_client().expect("an HTTP client");
     let created = create(&client, &writes, &stadium(2, 10, 150)).await?;
     let show = created.body["show_id"]
         .as_str()

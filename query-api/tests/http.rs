@@ -19,6 +19,11 @@ async fn start() -> anyhow::Result<(String, CancellationToken)> {
         consistency_wait_ms: 200,
         consistency_max_waiters: 100,
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     };
     let app = query_api::startup::App::build(settings).await?;
@@ -43,7 +48,7 @@ struct Case {
 #[tokio::test]
 async fn every_refusal_is_a_problem_its_document_lists() -> anyhow::Result<()> {
     let (base, stop) = start().await?;
-    let http = reqwest::Client::new();
+    let http = ticketing_tests::auth::staff_client().expect("an HTTP client");
     let show = uuid::Uuid::new_v4();
     let case = |method, path: &str, route, header, status, kind| Case {
         method,

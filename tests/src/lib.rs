@@ -12,6 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 use uuid::Uuid;
 
+pub mod auth;
 pub mod cluster;
 pub mod http;
 pub mod kafka;

@@ -118,7 +118,7 @@ pub async fn bookings_across(
     pool: &PgPool,
     boundary: u64,
 ) -> anyhow::Result<Vec<Place>> {
-    let client = reqwest::Client::new();
+    let client = crate::auth::staff_client().expect("an HTTP client");
     let post = |path: String, body: Value| {
         let request = client.post(format!("{base}{path}")).json(&body);
         async move {

@@ -112,11 +112,16 @@ pub fn isolated_env(database_url: String, name: &str) -> Vec<(&'static str, Stri
 pub struct SystemSettings {
     /// `HOLD_SECS` of command-api.
     pub hold_secs: u64,
+    /// More variables for every service, over the defaults.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for SystemSettings {
     fn default() -> Self {
-        Self { hold_secs: 600 }
+        Self {
+            hold_secs: 600,
+            env: Vec::new(),
+        }
     }
 }
 
@@ -128,7 +133,9 @@ pub struct System {
     pub query_url: String,
     /// Base URL of the projector's health endpoints.
     pub projector_url: String,
-    /// An HTTP client for the tests.
+    /// An HTTP client for the tests, whose requests carry a box-office
+    /// operator's token (organizer and admin); tests of who may do what
+    /// send tokens of their own.
     pub http: reqwest::Client,
     db: Option<TestDatabase>,
     mongodb_database: String,
@@ -160,6 +167,8 @@ impl System {
             ("REPLAY_GRACE_SECS", "1".to_owned()),
             ("RUST_LOG", "info".to_owned()),
         ]);
+        env.extend(crate::auth::service_env());
+        env.extend(settings.env);
         let logs = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../target/e2e-logs")
             .join(&name);
@@ -170,6 +179,7 @@ impl System {
             projector_url: format!("http://{projector_addr}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .default_headers(crate::auth::staff_headers())
                 .build()?,
             db: Some(db),
             mongodb_database: name,
@@ -285,6 +295,17 @@ impl System {
         child.kill().context("SIGKILL failed")?;
         child.wait()?;
         Ok(())
+    }
+
+    /// The event log's database, for checks of what was written.
+    ///
+    /// # Errors
+    /// Once the system is stopped.
+    pub fn postgres(&self) -> anyhow::Result<&sqlx::PgPool> {
+        self.db
+            .as_ref()
+            .map(|db| &db.pool)
+            .context("the system is stopped")
     }
 
     /// Runs `projector replay` to the end, as an operator would.

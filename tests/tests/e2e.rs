@@ -232,7 +232,11 @@ async fn a_buyer_books_holds_confirms_and_cancels() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_lapsed_hold_frees_its_seat_for_the_next_buyer() -> anyhow::Result<()> {
-    let system = System::start(SystemSettings { hold_secs: 2 }).await?;
+    let system = System::start(SystemSettings {
+        hold_secs: 2,
+        ..SystemSettings::default()
+    })
+    .await?;
     let (show, _) = create_show(&system, &[("A", 4)]).await?;
 
     let held = book(&system, &booking(&show, &user(), &["A1"], true)).await?;

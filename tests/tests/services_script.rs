@@ -1,6 +1,7 @@
 //! `scripts/services.sh` (the second half of `make up`, and `make down`'s
-//! first): the curl lines it prints book a seat that the query side then
-//! shows booked, a second `up` changes nothing, and `down` leaves none of
+//! first): the curl lines it prints carry a working token and book a seat
+//! that the query side then shows booked, `token` prints tokens the running
+//! system takes, a second `up` changes nothing, and `down` leaves none of
 //! its processes running. It runs here on its own ports, database, topic
 //! and directory, so it never meets a `make up` of the same machine.
 
@@ -20,10 +21,15 @@ struct Script {
 
 impl Script {
     fn run(&self, verb: &str) -> anyhow::Result<Output> {
+        self.run_with(verb, &[])
+    }
+
+    fn run_with(&self, verb: &str, args: &[&str]) -> anyhow::Result<Output> {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/services.sh");
         let output = Command::new("bash")
             .arg(script)
             .arg(verb)
+            .args(args)
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .output()?;
         ensure!(
@@ -51,6 +57,12 @@ impl Script {
 /// line.
 fn alive(pid: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| !cmdline.is_empty())
+}
+
+/// The demo show a printed line names.
+fn show_of(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once(r#""show_id":""#)?;
+    rest.split('"').next()
 }
 
 fn curl(line: &str) -> anyhow::Result<Value> {
@@ -112,11 +124,42 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
+        // The printed lines need their token: without it, 401.
+        let (without, _) = lines[2]
+            .split_once(" -H 'Authorization")
+            .context("the bookings line carries no token")?;
+        let refused = curl(without)?;
+        ensure!(refused["status"] == 401, "without a token: {refused}");
+        // `token` makes tokens the system takes: an admin's reads the demo
+        // buyer's bookings, another user's is refused them.
+        let user = "6f1c0a52-3c0e-4d8e-9a53-2c1d5f0b7e11";
+        for (roles, status) in [
+            (&["--role", "admin"][..], Value::Null),
+            (&[][..], 403.into()),
+        ] {
+            let other = uuid::Uuid::new_v4().to_string();
+            let mut args = vec!["--sub", other.as_str(), "--ttl-secs", "60"];
+            args.extend(roles);
+            let token = String::from_utf8(script.run_with("token", &args)?.stdout)?;
+            let read = curl(&format!(
+                "{without} -H 'Authorization: Bearer {}'",
+                token.trim()
+            ))?;
+            ensure!(
+                read["status"] == status,
+                "{roles:?} reading {user}'s bookings: {read}"
+            );
+        }
+
         // A second `up` keeps the same processes and the same demo show.
         let again = String::from_utf8(script.run("up")?.stdout)?;
         ensure!(script.pids()? == pids, "a second up restarted services");
         ensure!(
-            again.lines().find(|l| l.starts_with("curl ")) == Some(lines[0]),
+            again
+                .lines()
+                .find(|l| l.starts_with("curl "))
+                .and_then(show_of)
+                == show_of(lines[0]),
             "a second up made another demo show"
         );
 

@@ -35,6 +35,7 @@ fn jazz_night(show_id: ShowId) -> anyhow::Result<ShowDetails> {
                 seats: 10,
             }],
         }])?,
+        max_seats_per_user: None,
     })
 }
 

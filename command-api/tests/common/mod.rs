@@ -19,7 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestApp {
     pub base: String,
+    /// Its requests carry a box-office operator's token (organizer and
+    /// admin): these tests are about the log, not about who may write.
     pub client: reqwest::Client,
+    /// The operator whose token `client` sends.
+    pub staff: uuid::Uuid,
     pub db: TestDatabase,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -43,6 +47,11 @@ pub fn settings(database_url: String, hold_secs: u64) -> Settings {
         relay_enabled: false,
         relay: relay_settings("ticketing.unused", &ticketing_tests::kafka_brokers()),
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     }
 }
@@ -95,9 +104,11 @@ impl TestApp {
         let base = format!("http://{}", app.addr()?);
         let stop = CancellationToken::new();
         let server = tokio::spawn(app.run_until(stop.clone()));
+        let staff = uuid::Uuid::new_v4();
         Ok(Self {
             base,
-            client: reqwest::Client::new(),
+            client: ticketing_tests::auth::staff_client_of(staff)?,
+            staff,
             db,
             stop,
             server,

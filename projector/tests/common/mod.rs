@@ -80,6 +80,11 @@ pub fn command_settings(
             relay_in_flight: 8,
         },
         consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+        auth: service_kit::auth::AuthSettings {
+            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+            ..service_kit::auth::AuthSettings::default()
+        },
+        rates: service_kit::rate_limit::RateSettings::off(),
         log_json: false,
     }
 }
@@ -256,6 +261,11 @@ impl ReadSide {
             consistency_wait_ms,
             consistency_max_waiters: 10_000,
             consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
+            auth: service_kit::auth::AuthSettings {
+                jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
+                ..service_kit::auth::AuthSettings::default()
+            },
+            rates: service_kit::rate_limit::RateSettings::off(),
             log_json: false,
         };
         let app = query_api::startup::App::build(settings).await?;
