@@ -14,7 +14,13 @@
 # Every setting the services read can be set in the environment (docs/configuration.md);
 # the addresses below are passed on to them.
 #
+# Requests need bearer tokens (docs/api.md, "Identity"): `up` keeps a
+# generated AUTH_JWT_SECRET in .data/auth-secret (unless the environment
+# brings a secret, a key file, or AUTH_DISABLED=true) and prints curl lines
+# that carry a token; `token` prints one for the running system.
+#
 # Usage: scripts/services.sh up|down|status
+#        scripts/services.sh token --sub <uuid> [--role organizer|admin]... [--ttl-secs N]
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,6 +43,15 @@ if [[ -z ${CONSISTENCY_KEY:-} ]]; then
   CONSISTENCY_KEY=$(cat "$ROOT/.data/consistency-key")
 fi
 export CONSISTENCY_KEY
+# The secret that signs bearer tokens, the same way.
+if [[ -z ${AUTH_JWT_SECRET:-}${AUTH_JWKS_FILE:-} && ${AUTH_DISABLED:-false} != true ]]; then
+  mkdir -p "$ROOT/.data"
+  if [[ ! -s $ROOT/.data/auth-secret ]]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$ROOT/.data/auth-secret")
+  fi
+  AUTH_JWT_SECRET=$(cat "$ROOT/.data/auth-secret")
+  export AUTH_JWT_SECRET
+fi
 COMMAND_URL="http://$COMMAND_API_ADDR"
 QUERY_URL="http://$QUERY_API_ADDR"
 PROJECTOR_URL="http://$PROJECTOR_ADDR"
@@ -81,6 +96,17 @@ ready_at() {
   body=$(curl -fsS --max-time 2 "$1/readyz" 2>/dev/null) && [[ $body == *"$2"* ]]
 }
 
+# token ARGS...: a bearer token signed with the running system's secret.
+token() {
+  [[ -x $BIN/command-api ]] || die "$BIN/command-api is missing: run \`make up\`, which builds it"
+  [[ -n ${AUTH_JWT_SECRET:-} ]] || die "tokens are made with AUTH_JWT_SECRET; with AUTH_JWKS_FILE, ask your identity provider"
+  "$BIN/command-api" token "$@"
+}
+
+# The demo organizer and buyer of the printed lines.
+DEMO_ORGANIZER=0e4f7a3c-8d2b-4c61-9f0a-5b3e2d1c4a77
+DEMO_BUYER=6f1c0a52-3c0e-4d8e-9a53-2c1d5f0b7e11
+
 # The demo show, created once per event log.
 demo_show() {
   local idfile="$DIR/demo-show" id answer headers token
@@ -92,8 +118,12 @@ demo_show() {
       return
     fi
   fi
+  local auth=()
+  if [[ -n ${AUTH_JWT_SECRET:-} ]]; then
+    auth=(-H "Authorization: Bearer $(token --sub "$DEMO_ORGANIZER" --role organizer --ttl-secs 300)")
+  fi
   headers=$(mktemp)
-  answer=$(curl -fsS --max-time 10 -D "$headers" -XPOST "$COMMAND_URL/shows" \
+  answer=$(curl -fsS --max-time 10 -D "$headers" -XPOST "$COMMAND_URL/shows" "${auth[@]}" \
     -H 'content-type: application/json' -d '{
       "name": "Demo Night", "venue": "Blue Note", "starts_at": "2027-06-01T20:00:00Z",
       "sections": [
@@ -127,8 +157,13 @@ up() {
   start query-api "$QUERY_API_ADDR"
   wait_ready projector "$PROJECTOR_URL"
   wait_ready query-api "$QUERY_URL"
-  local show
+  local show auth='' body_user=''
   show=$(demo_show)
+  if [[ -n ${AUTH_JWT_SECRET:-} ]]; then
+    auth=" -H 'Authorization: Bearer $(token --sub "$DEMO_BUYER" --ttl-secs 86400)'"
+  else
+    body_user="\"user_id\":\"$DEMO_BUYER\","
+  fi
   cat <<EOF
 
 Ticketing is up.
@@ -139,14 +174,16 @@ Ticketing is up.
 
 Book seat A1 of the demo show, then read the VIP section and your bookings:
 
-curl -s -XPOST $COMMAND_URL/bookings -H 'content-type: application/json' -d '{"show_id":"$show","user_id":"6f1c0a52-3c0e-4d8e-9a53-2c1d5f0b7e11","seats":["A1"]}'
+curl -s -XPOST $COMMAND_URL/bookings$auth -H 'content-type: application/json' -d '{$body_user"show_id":"$show","seats":["A1"]}'
 curl -s '$QUERY_URL/shows/$show/availability?section=VIP'
-curl -s $QUERY_URL/users/6f1c0a52-3c0e-4d8e-9a53-2c1d5f0b7e11/bookings
+curl -s $QUERY_URL/users/$DEMO_BUYER/bookings$auth
 
 The reads follow the booking within milliseconds; pasted together they may
 be a moment early. A read that sends the booking's X-Consistency-Token
 header (curl -i shows it) waits for it. A1 sells once: book another seat
-(A2 ... A10, B1 ... C20) for another go.
+(A2 ... A10, B1 ... C20) for another go. The token in these lines is the
+demo buyer's for 24 hours; \`scripts/services.sh token --sub <uuid>\` makes
+others (--role organizer may create shows, --role admin may act for anyone).
 EOF
 }
 
@@ -165,5 +202,9 @@ case ${1:-} in
       if pid=$(service_pid "$name"); then log "$name running (pid $pid)"; else log "$name not running"; fi
     done
     ;;
-  *) die "usage: $0 up|down|status" ;;
+  token)
+    shift
+    token "$@"
+    ;;
+  *) die "usage: $0 up|down|status|token --sub <uuid> [--role organizer|admin] [--ttl-secs N]" ;;
 esac
