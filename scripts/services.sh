@@ -157,10 +157,10 @@ up() {
   start query-api "$QUERY_API_ADDR"
   wait_ready projector "$PROJECTOR_URL"
   wait_ready query-api "$QUERY_URL"
-  local show auth='' body_user=''
+  local show with_token='' body_user=''
   show=$(demo_show)
   if [[ -n ${AUTH_JWT_SECRET:-} ]]; then
-    auth=" -H 'Authorization: Bearer $(token --sub "$DEMO_BUYER" --ttl-secs 86400)'"
+    with_token=" -H 'Authorization: Bearer $(token --sub "$DEMO_BUYER" --ttl-secs 86400)'"
   else
     body_user="\"user_id\":\"$DEMO_BUYER\","
   fi
@@ -174,9 +174,9 @@ Ticketing is up.
 
 Book seat A1 of the demo show, then read the VIP section and your bookings:
 
-curl -s -XPOST $COMMAND_URL/bookings$auth -H 'content-type: application/json' -d '{$body_user"show_id":"$show","seats":["A1"]}'
+curl -s -XPOST $COMMAND_URL/bookings$with_token -H 'content-type: application/json' -d '{$body_user"show_id":"$show","seats":["A1"]}'
 curl -s '$QUERY_URL/shows/$show/availability?section=VIP'
-curl -s $QUERY_URL/users/$DEMO_BUYER/bookings$auth
+curl -s $QUERY_URL/users/$DEMO_BUYER/bookings$with_token
 
 The reads follow the booking within milliseconds; pasted together they may
 be a moment early. A read that sends the booking's X-Consistency-Token

@@ -26,14 +26,15 @@ pub struct RateSettings {
     /// Requests per second one user (token `sub`) may make; 0: no limit.
     #[arg(long, env = "RATE_LIMIT_USER_PER_SEC", default_value_t = 20)]
     pub user_per_sec: u32,
-    /// Requests one user may make at once above that rate.
+    /// Size of a user's bucket: requests it may make at once before the
+    /// rate applies (never below the rate).
     #[arg(long, env = "RATE_LIMIT_USER_BURST", default_value_t = 60)]
     pub user_burst: u32,
     /// Requests per second one address may make without a valid token;
     /// 0: no limit.
     #[arg(long, env = "RATE_LIMIT_ADDRESS_PER_SEC", default_value_t = 100)]
     pub address_per_sec: u32,
-    /// Requests one address may make at once above that rate.
+    /// Size of an address's bucket (never below its rate).
     #[arg(long, env = "RATE_LIMIT_ADDRESS_BURST", default_value_t = 300)]
     pub address_burst: u32,
 }
@@ -69,6 +70,21 @@ pub enum Client {
     User(Uuid),
     /// An address, for requests without a valid token.
     Address(IpAddr),
+}
+
+impl Client {
+    /// The bucket of a peer address: an IPv4 address as itself (also when
+    /// it arrives IPv4-mapped), an IPv6 address by its /64, the block one
+    /// host is given, so that hopping between addresses of it gains nothing.
+    pub fn address(ip: IpAddr) -> Self {
+        Self::Address(match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1_u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+            v4 => v4,
+        })
+    }
 }
 
 /// The buckets of one process.
@@ -148,4 +164,48 @@ pub fn too_many_requests(wait: Duration) -> Problem {
         format!("too many requests from this client; retry in {seconds} s"),
     )
     .retry_after(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_share_a_bucket_per_host() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
+        assert_eq!(
+            Client::address(ip("::ffff:192.0.2.7")),
+            Client::address(ip("192.0.2.7"))
+        );
+        assert_eq!(
+            Client::address(ip("2001:db8:1:2:aaaa::1")),
+            Client::address(ip("2001:db8:1:2:bbbb::9"))
+        );
+        assert_ne!(
+            Client::address(ip("2001:db8:1:2::1")),
+            Client::address(ip("2001:db8:1:3::1"))
+        );
+    }
+
+    #[test]
+    fn a_bucket_refuses_once_empty_and_says_how_long_to_wait() {
+        let limits = RateLimits::new(&RateSettings {
+            user_per_sec: 1,
+            user_burst: 2,
+            ..RateSettings::off()
+        });
+        let user = Client::User(Uuid::new_v4());
+        assert!(limits.check(user).is_ok() && limits.check(user).is_ok());
+        let wait = limits.check(user).expect_err("the bucket is empty");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert_eq!(too_many_requests(wait).retry_after, Some(1));
+        // Others, and addresses when that limit is off, are not held back.
+        assert!(limits.check(Client::User(Uuid::new_v4())).is_ok());
+        assert!((0..1000).all(|_| limits
+            .check(Client::address("192.0.2.1".parse().expect("ip")))
+            .is_ok()));
+    }
 }
