@@ -320,6 +320,24 @@ async fn main() -> anyhow::Result<()> {
         median(s, |f| f.per_second) / median(u, |f| f.per_second),
         median(s, |f| f.per_second) / median(b, |f| f.per_second)
     );
+    // The machine drifts over a run (the log grows, neighbours come and
+    // go): the ratio within each round, where both ran back to back, is the
+    // fairer comparison.
+    let mut paired: Vec<f64> = s
+        .iter()
+        .zip(u)
+        .map(|(on, off)| on.per_second / off.per_second)
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    println!(
+        "auth on / auth off within each round: {} (median {:.2})",
+        paired
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        paired[paired.len() / 2]
+    );
     for service in [open, checked] {
         service.stop.cancel();
         service.server.await??;
