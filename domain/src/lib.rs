@@ -8,7 +8,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod best_available;
 pub mod booking;
 pub mod box_office;
 pub mod consistency;
