@@ -36,6 +36,11 @@ async fn send(
     Answer::of(request.send().await?).await
 }
 
+/// A GET without a token.
+async fn anonymous_get(url: String) -> anyhow::Result<Answer> {
+    send(reqwest::Method::GET, url, None, None, None).await
+}
+
 /// A user of the tests: an id and a token for it.
 #[derive(Clone)]
 struct User {
@@ -348,14 +353,7 @@ async fn each_may_do_only_what_is_theirs_and_bad_tokens_write_nothing() -> anyho
                 "{list:?}"
             );
         }
-        let open = send(
-            reqwest::Method::GET,
-            format!("{}/shows/{show}/availability", system.query_url),
-            None,
-            None,
-            None,
-        )
-        .await?;
+        let open = anonymous_get(format!("{}/shows/{show}/availability", system.query_url)).await?;
         ensure!(open.status == StatusCode::OK, "{open:?}");
 
         // An admin may act on anyone's booking, and book in anyone's name.
@@ -589,14 +587,7 @@ async fn rate_limits_answer_429_with_retry_after() -> anyhow::Result<()> {
         // Open reads count by address; probes are never limited.
         let mut open = Vec::new();
         for _ in 0..4 {
-            let answer = send(
-                reqwest::Method::GET,
-                format!("{}/shows", system.query_url),
-                None,
-                None,
-                None,
-            )
-            .await?;
+            let answer = anonymous_get(format!("{}/shows", system.query_url)).await?;
             open.push(answer.status);
         }
         ensure!(
@@ -604,14 +595,7 @@ async fn rate_limits_answer_429_with_retry_after() -> anyhow::Result<()> {
             "open reads: {open:?}"
         );
         for _ in 0..10 {
-            let probe = send(
-                reqwest::Method::GET,
-                format!("{}/healthz", system.query_url),
-                None,
-                None,
-                None,
-            )
-            .await?;
+            let probe = anonymous_get(format!("{}/healthz", system.query_url)).await?;
             ensure!(probe.status == StatusCode::OK, "a probe was limited");
         }
         // The bucket fills again.
