@@ -44,6 +44,12 @@ pub enum ApiError {
         /// The buyer's live seats in the show.
         current: u32,
     },
+    /// 409: no row of the section has the adjacent seats asked for.
+    #[error("no row of the section has {count} adjacent free seats")]
+    NoAdjacentSeats {
+        /// Seats asked for.
+        count: u32,
+    },
     /// 403: the caller may not act on this booking or user, or create shows.
     #[error("{0}")]
     Forbidden(&'static str),
@@ -102,7 +108,8 @@ impl ApiError {
             Self::Unavailable { .. }
             | Self::BookingClosed { .. }
             | Self::InProgress
-            | Self::SeatLimit { .. } => StatusCode::CONFLICT,
+            | Self::SeatLimit { .. }
+            | Self::NoAdjacentSeats { .. } => StatusCode::CONFLICT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,6 +126,7 @@ impl ApiError {
             Self::Unavailable { .. } => ("seats-unavailable", "Seats are not available"),
             Self::BookingClosed { .. } => ("booking-closed", "The booking cannot change"),
             Self::SeatLimit { .. } => ("seat-limit", "Over the show's seat limit per buyer"),
+            Self::NoAdjacentSeats { .. } => ("no-adjacent-seats", "No adjacent seats"),
             Self::Forbidden(_) => ("forbidden", "Forbidden"),
             Self::IdempotencyMismatch => ("idempotency-key-reused", "Idempotency-Key reused"),
             Self::InProgress => ("in-progress", "Request in progress"),

@@ -521,6 +521,7 @@ pub async fn append(
     }
     let column = |f: fn(&NewEvent) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let holds = Holds::of(&append.changes.bookings);
+    let seats = TakenSeats::of(&append.changes.seats);
     let answers = &append.answers;
     // One statement: the events and the pending holds they start and end,
     // which the sweeper reads.
@@ -538,12 +539,24 @@ pub async fn append(
            DELETE FROM pending_holds WHERE booking_id = ANY($10::uuid[])),
          bought AS (
            INSERT INTO buyer_seats (booking_id, show_id, user_id, seats, expires_at)
-           SELECT * FROM UNNEST($17::uuid[], $18::uuid[], $19::uuid[], $20::integer[],
-                                $21::timestamptz[])),
+           SELECT b, s, u, n, t::timestamptz
+             FROM UNNEST($17::uuid[], $18::uuid[], $19::uuid[], $20::integer[], $21::text[])
+                  AS x(b, s, u, n, t)),
          kept AS (
            UPDATE buyer_seats SET expires_at = NULL WHERE booking_id = ANY($22::uuid[])),
          released AS (
            DELETE FROM buyer_seats WHERE booking_id = ANY($23::uuid[])),
+         taken AS (
+           INSERT INTO taken_seats (show_id, row_name, number, booking_id, expires_at)
+           SELECT s, r, n, b, t::timestamptz
+             FROM UNNEST($24::uuid[], $25::text[], $26::integer[], $27::uuid[], $28::text[])
+                  AS x(s, r, n, b, t)
+           ON CONFLICT (show_id, row_name, number)
+           DO UPDATE SET booking_id = EXCLUDED.booking_id, expires_at = EXCLUDED.expires_at),
+         freed AS (
+           DELETE FROM taken_seats AS t
+            USING UNNEST($29::uuid[], $30::text[], $31::integer[]) AS f(show_id, row_name, number)
+            WHERE t.show_id = f.show_id AND t.row_name = f.row_name AND t.number = f.number),
          answered AS (
            INSERT INTO idempotency_keys (route, key, request, status, headers, body)
            SELECT * FROM UNNEST($11::text[], $12::text[], $13::bytea[], $14::smallint[],
@@ -573,6 +586,14 @@ pub async fn append(
     .bind(&holds.buyers.until)
     .bind(&holds.bought)
     .bind(&holds.released)
+    .bind(&seats.taken.shows)
+    .bind(&seats.taken.rows)
+    .bind(&seats.taken.numbers)
+    .bind(&seats.taken_by)
+    .bind(&seats.until)
+    .bind(&seats.freed.shows)
+    .bind(&seats.freed.rows)
+    .bind(&seats.freed.numbers)
     .fetch_one(&mut *conn)
     .await
     .map_err(conflict_or)?;
@@ -592,6 +613,104 @@ struct Holds {
     released: Vec<uuid::Uuid>,
 }
 
+/// Seats, column by column.
+#[derive(Debug, Default)]
+struct SeatColumns {
+    shows: Vec<uuid::Uuid>,
+    rows: Vec<String>,
+    numbers: Vec<i32>,
+}
+
+impl SeatColumns {
+    fn push(&mut self, seat: &domain::SeatId) {
+        self.shows.push(seat.show_id.as_uuid());
+        self.rows.push(seat.label.row().to_string());
+        self.numbers
+            .push(i32::try_from(seat.label.number()).unwrap_or(i32::MAX));
+    }
+}
+
+/// What a command's seat events leave in `taken_seats`: each seat as its
+/// last event in the command leaves it (a lapsed hold released and the
+/// seat held again in one command is one upsert, never two changes of one
+/// row in one statement).
+#[derive(Debug, Default)]
+struct TakenSeats {
+    taken: SeatColumns,
+    taken_by: Vec<uuid::Uuid>,
+    until: Vec<Option<String>>,
+    freed: SeatColumns,
+}
+
+/// A hold's end as the event's payload writes it: Postgres parses the same
+/// text here as when the table is rebuilt from the log, so both round the
+/// nanoseconds to the same microsecond.
+fn as_in_payload(at: &domain::Timestamp) -> Option<String> {
+    match serde_json::to_value(at) {
+        Ok(serde_json::Value::String(text)) => Some(text),
+        _ => Some(at.to_rfc3339()),
+    }
+}
+
+impl TakenSeats {
+    fn of(seats: &BTreeMap<domain::SeatId, Vec<domain::SeatEvent>>) -> Self {
+        use domain::SeatEvent;
+        let mut taken = Self::default();
+        for (seat, events) in seats {
+            match events.last() {
+                Some(SeatEvent::SeatHeld {
+                    booking_id,
+                    expires_at,
+                    ..
+                }) => {
+                    taken.taken.push(seat);
+                    taken.taken_by.push(booking_id.as_uuid());
+                    taken.until.push(as_in_payload(expires_at));
+                }
+                Some(SeatEvent::SeatBooked { booking_id, .. }) => {
+                    taken.taken.push(seat);
+                    taken.taken_by.push(booking_id.as_uuid());
+                    taken.until.push(None);
+                }
+                Some(SeatEvent::SeatReleased { .. }) => taken.freed.push(seat),
+                None => {}
+            }
+        }
+        taken
+    }
+}
+
+/// The seats of `rows` (of `show_id`) that a booking holds (and has not let
+/// lapse by `now`) or owns, from the committed `taken_seats`: a snapshot to
+/// choose from, never to decide on.
+///
+/// # Errors
+/// [`LogError::Database`].
+pub async fn taken_in_rows(
+    conn: &mut PgConnection,
+    show_id: ShowId,
+    rows: &[domain::RowName],
+    now: domain::Timestamp,
+) -> Result<std::collections::HashSet<SeatLabel>, LogError> {
+    let found: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT row_name, number FROM taken_seats
+          WHERE show_id = $1 AND row_name = ANY($2)
+            AND (expires_at IS NULL OR expires_at > $3)",
+    )
+    .bind(show_id.as_uuid())
+    .bind(rows.iter().map(ToString::to_string).collect::<Vec<_>>())
+    .bind(now)
+    .fetch_all(conn)
+    .await?;
+    Ok(found
+        .into_iter()
+        .filter_map(|(row, number)| {
+            let row = domain::RowName::new(&row).ok()?;
+            SeatLabel::new(row, u32::try_from(number).ok()?).ok()
+        })
+        .collect())
+}
+
 /// New rows of `buyer_seats`, column by column.
 #[derive(Debug, Default)]
 struct BuyerSeats {
@@ -599,7 +718,7 @@ struct BuyerSeats {
     shows: Vec<uuid::Uuid>,
     users: Vec<uuid::Uuid>,
     seats: Vec<i32>,
-    until: Vec<Option<domain::Timestamp>>,
+    until: Vec<Option<String>>,
 }
 
 impl BuyerSeats {
@@ -610,7 +729,7 @@ impl BuyerSeats {
         // At most MAX_SEATS_PER_BOOKING.
         self.seats
             .push(i32::try_from(details.seats.len()).unwrap_or(i32::MAX));
-        self.until.push(until);
+        self.until.push(until.as_ref().and_then(as_in_payload));
     }
 }
 

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod best_available;
 pub mod error;
 pub mod event_log;
 pub mod gate;

@@ -227,11 +227,31 @@ pub struct NewBooking {
     #[schema(format = Uuid)]
     pub user_id: Option<String>,
     /// Seat labels such as `A1`: 1 to 10 different seats of the show.
-    #[schema(value_type = Vec<SeatLabelText>, min_items = 1, max_items = 10)]
-    pub seats: Vec<String>,
+    /// Exactly one of `seats` and `best_available`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<SeatLabelText>>, min_items = 1, max_items = 10)]
+    pub seats: Option<Vec<String>>,
+    /// Let the box office pick adjacent seats. Exactly one of `seats` and
+    /// `best_available`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_available: Option<BestAvailable>,
     /// Hold the seats (to confirm later) instead of booking them at once.
     #[serde(default)]
     pub hold: bool,
+}
+
+/// `best_available` of a booking: `count` adjacent seats of one row of
+/// `section`, the row nearest the stage first, then the block nearest the
+/// row's middle.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BestAvailable {
+    /// How many seats: 1 to 10.
+    #[schema(minimum = 1, maximum = 10)]
+    pub count: u32,
+    /// The section's name, as the show has it.
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
+    pub section: String,
 }
 
 /// A seat label as the document describes it: a row's letters, then the
@@ -311,9 +331,10 @@ fn parse_booking(
                 ))
             }
         };
-    let mut labels = Vec::with_capacity(body.seats.len());
+    let seats = body.seats.as_deref().unwrap_or_default();
+    let mut labels = Vec::with_capacity(seats.len());
     let mut malformed = Vec::new();
-    for text in &body.seats {
+    for text in seats {
         match text.parse::<SeatLabel>() {
             Ok(label) => labels.push(label),
             Err(_) => malformed.push(text.clone()),
@@ -328,12 +349,15 @@ fn parse_booking(
         description = "retry-safe key, 1 to 255 visible ASCII characters")),
     responses((status = 201, body = BookingView, headers(("Location" = String, description = "the booking's path"), ("X-Consistency-Token" = String, description = "send it to query-api to read this write"))),
         (status = 404, description = "unknown show", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "seats unavailable (`unavailable_seats`), over the show's seat \
+        (status = 409, description = "seats unavailable (`unavailable_seats`), no row of the section \
+            with `best_available.count` adjacent free seats (`no-adjacent-seats`), over the show's seat \
             limit per buyer (`seat-limit`, with `limit` and `current`), or the same key in flight \
             (`in_progress`, with `Retry-After`)", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u32, description = "seconds, when in flight"))),
         (status = 422, description = "a member missing, unknown or of the wrong type (`bad-body`); an id that is \
             not a UUID, a seat list that is empty, too long, repeats a seat or names seats the show lacks \
-            (`unknown_seats`); a malformed `Idempotency-Key`, or one reused with another body", body = Problem, content_type = "application/problem+json"),
+            (`unknown_seats`); both or neither of `seats` and `best_available`, a `best_available.count` \
+            outside 1 to 10 or a section the show lacks; a malformed `Idempotency-Key`, or one reused \
+            with another body", body = Problem, content_type = "application/problem+json"),
         WriteProblems, AuthProblems, RateProblems),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(show_id = %body.show_id, booking_id = tracing::field::Empty))]
@@ -344,10 +368,27 @@ pub async fn place_booking(
     Json(body): Json<NewBooking>,
 ) -> Result<Reply, ApiError> {
     let keyed = Keyed::from_headers(&headers, "POST /bookings", &caller, &body)?;
+    if body.seats.is_some() == body.best_available.is_some() {
+        return Err(ApiError::invalid(
+            "a booking names its `seats` or asks for `best_available`: exactly one of them",
+            serde_json::Map::new(),
+        ));
+    }
     let (show_id, user_id, labels, malformed) = parse_booking(&body, &caller)?;
     let show = sales.show(show_id).await?;
     let hold_for =
         chrono::Duration::from_std(sales.hold_for).map_err(|e| ApiError::Internal(e.into()))?;
+    if let Some(best) = &body.best_available {
+        let order = Order {
+            booking_id: BookingId::from_uuid(uuid::Uuid::new_v4()),
+            show_id,
+            user_id,
+            seats: Vec::new(),
+            hold_for: body.hold.then_some(hold_for),
+        };
+        tracing::Span::current().record("booking_id", tracing::field::display(order.booking_id));
+        return place_best_available(&sales, keyed.as_ref(), show, order, best).await;
+    }
     let order = Order {
         booking_id: BookingId::from_uuid(uuid::Uuid::new_v4()),
         show_id,
@@ -400,6 +441,51 @@ pub async fn place_booking(
         pass.took();
     }
     Ok(reply)
+}
+
+/// Books `best.count` adjacent seats the box office picks in
+/// `best.section`, in one transaction (see [`crate::best_available`]).
+async fn place_best_available(
+    sales: &Sales,
+    keyed: Option<&Keyed>,
+    show: Arc<domain::Show>,
+    order: Order,
+    best: &BestAvailable,
+) -> Result<Reply, ApiError> {
+    let max = domain::best_available::MAX_COUNT;
+    if !(1..=max).contains(&best.count) {
+        return Err(ApiError::invalid(
+            format!("best_available.count must be 1 to {max}"),
+            serde_json::Map::new(),
+        ));
+    }
+    let wanted = SectionName::new(&best.section)?;
+    let section = show
+        .details()
+        .and_then(|d| d.seat_map.sections().iter().position(|s| s.name == wanted))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                format!("the show has no section {:?}", best.section),
+                serde_json::Map::new(),
+            )
+        })?;
+    let count = best.count;
+    sales
+        .transact(keyed, |conn| {
+            let (signer, show, order) = (sales.clone(), Arc::clone(&show), order.clone());
+            Box::pin(async move {
+                let decided = crate::best_available::pick_and_place(
+                    conn, &signer, &show, order, section, count,
+                )
+                .await?;
+                let view = BookingView::of(&decided.booking, decided.now)?;
+                let mut reply = Reply::json(StatusCode::CREATED, &view);
+                reply.header(header::LOCATION, location("bookings", &view.booking_id));
+                with_token(&mut reply, &signer.signed(&decided.token));
+                Ok(reply)
+            })
+        })
+        .await
 }
 
 /// What the seat gate let through.
@@ -555,6 +641,7 @@ pub async fn readyz(
         NewRow,
         ShowCreated,
         NewBooking,
+        BestAvailable,
         BookingView,
         Problem
     ))

@@ -41,6 +41,8 @@ pub struct Sales {
     commits: Arc<Notify>,
     /// One booking command per seat at a time goes to Postgres from here.
     pub gate: SeatGate,
+    /// Seats best-available pickers of this process are trying.
+    pub claims: crate::best_available::Claims,
     /// Booking commands that arrive together commit together.
     group: Option<GroupCommit>,
     /// Signs the consistency tokens of the answers.
@@ -60,6 +62,7 @@ impl Sales {
             lock_wait,
             commits: Arc::default(),
             gate: SeatGate::default(),
+            claims: crate::best_available::Claims::default(),
             group: None,
             token_key: Arc::new(development_key()),
         }

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod best_available;
 pub mod booking;
 pub mod box_office;
 pub mod consistency;
