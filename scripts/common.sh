@@ -14,13 +14,15 @@ port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 
 # wait_for PIDFILE NAME CHECK...: runs CHECK every 0.1 s until it succeeds
 # (returns 0), the process recorded in PIDFILE is gone (2; an empty PIDFILE
-# is never gone), or WAIT_SECS pass (1).
+# is never gone), or WAIT_SECS pass (1). The process was started just now,
+# so being alive is enough here: in the moment between its fork and the
+# exec of NAME, its command line is still the caller's.
 wait_for() {
-  local pidfile=$1 name=$2 i
+  local pidfile=$1 i
   shift 2
   for ((i = 0; i < WAIT_SECS * 10; i++)); do
     "$@" && return 0
-    if [[ -n $pidfile ]] && ! running_pid "$pidfile" "$name" >/dev/null; then
+    if [[ -n $pidfile ]] && ! alive_pid "$pidfile"; then
       return 2
     fi
     sleep 0.1
@@ -38,6 +40,16 @@ running_pid() {
   cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
   [[ $cmdline == *"$2"* ]] || return 1
   echo "$pid"
+}
+
+# alive_pid PIDFILE: true while the recorded process exists and is not a
+# zombie, whatever its command line.
+alive_pid() {
+  local pid state
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  state=$(ps -o stat= -p "$pid" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z* ]]
 }
 
 # stop_pid LABEL PIDFILE NAME SECS: SIGTERM, then SIGKILL if it still runs
