@@ -2,7 +2,9 @@
 //! identity checked (a JWT per client, the user's rate counted) and without
 //! (`AUTH_DISABLED`), next to the ceiling of the same Postgres measured in
 //! the same run: the same event rows inserted by one bare transaction per
-//! booking.
+//! booking. Then best available: the same service picking two adjacent
+//! seats for each buyer of a rush on one show, next to the explicit-seat
+//! bookings of the same round.
 //!
 //! ```sh
 //! make up
@@ -217,6 +219,53 @@ async fn measure_service(
     .await)
 }
 
+/// Sections of the best-available show: buyers of a rush ask for the
+/// same few sections, several for each, as at an on-sale.
+const BEST_SECTIONS: usize = 8;
+/// Rows of each section, and seats in each: 40,000 seats in all, more than
+/// a round sells at this machine's rate.
+const BEST_ROWS: usize = 50;
+const BEST_ROW_SEATS: usize = 100;
+
+/// Client `c` asks for two seats of section `c % BEST_SECTIONS`, the box
+/// office picking them, as the client's own user.
+async fn measure_best_available(
+    args: &Args,
+    client: &reqwest::Client,
+    service: &Service,
+    tokens: Arc<Vec<String>>,
+) -> anyhow::Result<Figures> {
+    let sections: Vec<Value> = (0..BEST_SECTIONS)
+        .map(|s| {
+            let rows: Vec<Value> = (0..BEST_ROWS)
+                .map(|r| json!({"row": format!("{}{}", row_name(s), row_name(r)), "seats": BEST_ROW_SEATS}))
+                .collect();
+            json!({"name": format!("S{s}"), "price_cents": 5000, "rows": rows})
+        })
+        .collect();
+    let show: Value = client
+        .post(format!("{}/shows", service.base))
+        .json(
+            &json!({"name": "Rush", "venue": "Stadium", "starts_at": "2027-09-01T19:00:00Z",
+                       "sections": sections}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    let show_id = show["show_id"].as_str().context("show created")?.to_owned();
+    let (client, base) = (client.clone(), service.base.clone());
+    Ok(measure(args.clients, args.seconds, move |c, _| {
+        let request = client
+            .post(format!("{base}/bookings"))
+            .bearer_auth(tokens.get(c).map_or("", String::as_str));
+        let body = json!({"show_id": show_id,
+                          "best_available": {"count": 2, "section": format!("S{}", c % BEST_SECTIONS)}});
+        async move { matches!(request.json(&body).send().await, Ok(r) if r.status() == 201) }
+    })
+    .await)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -261,6 +310,7 @@ async fn main() -> anyhow::Result<()> {
         .connect(&db.url())
         .await?;
     let (mut baseline, mut unchecked, mut service) = (Vec::new(), Vec::new(), Vec::new());
+    let mut picked = Vec::new();
     for round in 0..args.rounds {
         let bare = pool.clone();
         baseline.push(
@@ -282,9 +332,11 @@ async fn main() -> anyhow::Result<()> {
         let (off, on) = if round % 2 == 0 { (a, b) } else { (b, a) };
         unchecked.push(off);
         service.push(on);
+        picked.push(measure_best_available(&args, &client, &checked, Arc::clone(&tokens)).await?);
         println!("round {round}: baseline  {:?}", baseline[round]);
         println!("round {round}: auth off  {:?}", unchecked[round]);
         println!("round {round}: auth on   {:?}", service[round]);
+        println!("round {round}: best av.  {:?}", picked[round]);
     }
 
     let median = |v: &[Figures], f: fn(&Figures) -> f64| {
@@ -306,6 +358,7 @@ async fn main() -> anyhow::Result<()> {
     for (name, figures) in [
         ("auth off (AUTH_DISABLED)", u),
         ("auth on (JWT + rate)   ", s),
+        ("best available, auth on", &picked),
     ] {
         println!(
             "command-api, {name}: {:8.0} bookings/s  p50 {:6.2} ms   p99 {:6.2} ms   failures {}",
@@ -323,21 +376,25 @@ async fn main() -> anyhow::Result<()> {
     // The machine drifts over a run (the log grows, neighbours come and
     // go): the ratio within each round, where both ran back to back, is the
     // fairer comparison.
-    let mut paired: Vec<f64> = s
-        .iter()
-        .zip(u)
-        .map(|(on, off)| on.per_second / off.per_second)
-        .collect();
-    paired.sort_by(f64::total_cmp);
-    println!(
-        "auth on / auth off within each round: {} (median {:.2})",
-        paired
+    let within_rounds = |name: &str, over: &[Figures], under: &[Figures]| {
+        let mut paired: Vec<f64> = over
             .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-        paired[paired.len() / 2]
-    );
+            .zip(under)
+            .map(|(a, b)| a.per_second / b.per_second)
+            .collect();
+        paired.sort_by(f64::total_cmp);
+        println!(
+            "{name} within each round: {} (median {:.2})",
+            paired
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            paired[paired.len() / 2]
+        );
+    };
+    within_rounds("auth on / auth off", s, u);
+    within_rounds("best available / explicit seats (auth on)", &picked, s);
     for service in [open, checked] {
         service.stop.cancel();
         service.server.await??;

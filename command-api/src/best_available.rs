@@ -1,85 +1,244 @@
 //! Best available on the command side: the box office picks the seats
-//! inside the booking's transaction, from state that cannot be stale.
+//! from the committed state, and the booking's own transaction decides on
+//! them as on any booking, so a pick from state gone stale can never
+//! sell a seat twice; it only sends the picker to pick again.
+//!
+//! With group commit ([`pick_and_book`]):
 //!
 //! 1. The section's taken seats are read from `taken_seats` (an inline
 //!    projection of the seat events; a hold counts until it lapses), and
 //!    the domain picks the best block of what is left
 //!    ([`domain::best_available::best_block`]), leaving out seats another
-//!    picker of this process is trying at this moment ([`Claims`]).
-//! 2. The block's seat streams are locked without waiting, as
-//!    `FOR UPDATE SKIP LOCKED` would: a block another transaction holds is
-//!    left out and the next best one is tried, so concurrent pickers spread
-//!    over the section instead of queueing for its best seats. Under its
-//!    locks the block is loaded; a seat taken since the snapshot sends the
-//!    picker to the next block too.
-//! 3. The locked block is then booked as any booking is
-//!    ([`Sales::place`], whose locks are the ones already held), so the
-//!    seat aggregates decide, the buyer's limit holds, and lapsed holds on
-//!    the block are expired in the same transaction.
+//!    picker of this process is trying at this moment ([`Claims`]), so a
+//!    rush of pickers spreads over the section instead of queueing for its
+//!    best seats.
+//! 2. The block goes to the next group as a booking of those seats. The
+//!    group tries its locks without waiting and the seat aggregates decide
+//!    under them. A seat taken since the snapshot comes back to the picker
+//!    (not as the buyer's 409), which leaves it out and picks again.
+//! 3. A block the group could not decide on (its locks busy in another
+//!    process's transaction, a lapsed hold to expire first) is picked again
+//!    in a transaction of its own ([`pick_and_place`]).
+//!
+//! In a transaction of its own (no grouping, or handed back by a group):
+//! the snapshot is read in the transaction, the block's seat streams are
+//! locked without waiting, as `FOR UPDATE SKIP LOCKED` would (a block
+//! another transaction holds is left out and the next best one tried),
+//! loaded and checked, then booked as any booking is ([`Sales::place`],
+//! whose locks are the ones already held).
 //!
 //! A picker answers 409 `no-adjacent-seats` only when no block is left
 //! that is free as of the log, none being tried by anyone else; while
 //! blocks are only busy, it waits a moment and looks again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
 use domain::best_available::{best_block, Block};
-use domain::{SeatLabel, Show, ShowId};
+use domain::{Section, Show, ShowId};
 use sqlx::PgConnection;
 
 use crate::error::ApiError;
-use crate::event_log::{self, LockWait, LogError};
+use crate::event_log::{self, LockWait, Savepoint};
+use crate::group_commit::{Outcome, ReplyOf};
+use crate::idempotency::Keyed;
+use crate::reply::Reply;
 use crate::sales::{Decided, Order, Sales};
 
 /// How long a picker waits before looking again when every block left is
 /// busy (being taken by transactions that may yet fail).
 const BUSY_PAUSE: Duration = Duration::from_millis(5);
 
-/// Seats that pickers of this process are trying right now, so that a
-/// rush of pickers does not all try the same best block first.
+/// How long one reading of a section's taken seats serves this process's
+/// pickers. Reading it for every picker would cost Postgres a scan of the
+/// section's taken seats per booking. A seat another process took since
+/// the reading costs a picker one more try (and a new reading); a seat
+/// given back since (a cancel, a lapse) is offered from the next reading
+/// on. A 409 is never answered from a reading this old: it is read again.
+const SNAPSHOT_FOR: Duration = Duration::from_millis(100);
+
+/// A section of a show: the show and the section's index in it.
+type SectionKey = (ShowId, usize);
+
+/// A seat of a section: its row's index in the section and its number.
+type Place = (usize, u32);
+
+/// A section's taken seats as one reading found them: a flag per seat,
+/// by row index, then number.
+#[derive(Debug, Default)]
+struct Taken(Vec<Vec<bool>>);
+
+impl Taken {
+    fn of(section: &Section, found: &HashMap<String, Vec<u32>>) -> Self {
+        Self(
+            section
+                .rows
+                .iter()
+                .map(|row| {
+                    let mut flags = vec![false; row.seats as usize];
+                    for number in found.get(row.row.as_str()).into_iter().flatten() {
+                        if let Some(flag) = flags.get_mut((*number as usize).wrapping_sub(1)) {
+                            *flag = true;
+                        }
+                    }
+                    flags
+                })
+                .collect(),
+        )
+    }
+
+    fn contains(&self, (row, number): Place) -> bool {
+        self.0
+            .get(row)
+            .and_then(|flags| flags.get((number as usize).wrapping_sub(1)))
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
+/// What this process's pickers share: the seats they are trying right now,
+/// so that a rush of pickers does not all try the same best block first,
+/// and the latest reading of each section's taken seats.
 #[derive(Debug, Clone, Default)]
-pub struct Claims(Arc<Mutex<HashSet<(ShowId, SeatLabel)>>>);
+pub struct Claims(Arc<Mutex<Pickers>>);
+
+#[derive(Debug, Default)]
+struct Pickers {
+    claimed: HashSet<(SectionKey, Place)>,
+    snapshots: HashMap<SectionKey, Snapshot>,
+}
+
+/// A reading of a section's taken seats.
+#[derive(Debug)]
+struct Snapshot {
+    /// When the reading began.
+    began: Instant,
+    taken: Arc<Taken>,
+    /// Seats pickers here booked after the reading began, so that nobody
+    /// here tries them again before the next reading shows them.
+    booked: Vec<(Instant, Place)>,
+    /// A picker is reading the section again: the others go on with this
+    /// reading meanwhile rather than all reading it at once.
+    reading: bool,
+}
+
+/// What a picker picks from.
+enum Reading {
+    /// A reading recent enough.
+    Kept(Arc<Taken>),
+    /// None: this picker reads the section.
+    Due,
+}
 
 /// Seats claimed until dropped.
 #[derive(Debug)]
 pub struct Claimed {
     claims: Claims,
-    show_id: ShowId,
-    seats: Vec<SeatLabel>,
+    section: SectionKey,
+    places: Vec<Place>,
 }
 
 impl Drop for Claimed {
     fn drop(&mut self) {
-        if let Ok(mut claimed) = self.claims.0.lock() {
-            for seat in self.seats.drain(..) {
-                claimed.remove(&(self.show_id, seat));
+        if let Ok(mut pickers) = self.claims.0.lock() {
+            for place in self.places.drain(..) {
+                pickers.claimed.remove(&(self.section, place));
             }
         }
     }
 }
 
 impl Claims {
-    /// Picks the best block of `section` that `out` leaves and no other
-    /// picker here is trying, and claims it; also says whether a claim of
-    /// another picker was passed over.
+    /// The section's latest reading if it is recent enough to pick from
+    /// (or is being read again by another picker), unless `again`.
+    fn reading(&self, section: SectionKey, again: bool) -> Reading {
+        let Ok(mut pickers) = self.0.lock() else {
+            return Reading::Due;
+        };
+        let Some(snapshot) = pickers.snapshots.get_mut(&section) else {
+            return Reading::Due;
+        };
+        let age = snapshot.began.elapsed();
+        if !again && (age < SNAPSHOT_FOR || (snapshot.reading && age < 4 * SNAPSHOT_FOR)) {
+            return Reading::Kept(Arc::clone(&snapshot.taken));
+        }
+        snapshot.reading = true;
+        Reading::Due
+    }
+
+    /// Keeps a reading that began at `began`, unless a later one is kept.
+    fn keep(&self, section: SectionKey, began: Instant, taken: Arc<Taken>) {
+        let Ok(mut pickers) = self.0.lock() else {
+            return;
+        };
+        // Readings of shows nobody picks from any more go.
+        pickers
+            .snapshots
+            .retain(|_, s| s.began.elapsed() < SNAPSHOT_FOR * 400);
+        match pickers.snapshots.get_mut(&section) {
+            // A later reading is kept (and whoever reads now clears the flag).
+            Some(kept) if kept.began >= began => {}
+            Some(kept) => {
+                kept.began = began;
+                kept.taken = taken;
+                kept.booked.retain(|(at, _)| *at >= began);
+                kept.reading = false;
+            }
+            None => {
+                pickers.snapshots.insert(
+                    section,
+                    Snapshot {
+                        began,
+                        taken,
+                        booked: Vec::new(),
+                        reading: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Notes that `block` of `section` was booked here just now.
+    fn booked(&self, section: SectionKey, block: &Block) {
+        let Ok(mut pickers) = self.0.lock() else {
+            return;
+        };
+        if let Some(snapshot) = pickers.snapshots.get_mut(&section) {
+            let now = Instant::now();
+            snapshot
+                .booked
+                .extend(places(block).map(|place| (now, place)));
+        }
+    }
+
+    /// Picks the best block of `seats` that `out` leaves, no other picker
+    /// here is trying and none here booked since the section's reading, and
+    /// claims it; also says whether a claim of another picker was passed
+    /// over.
     fn pick(
         &self,
-        show_id: ShowId,
-        section: &domain::Section,
+        section: SectionKey,
+        seats: &Section,
         count: u32,
-        out: impl Fn(&SeatLabel) -> bool,
+        out: impl Fn(Place) -> bool,
     ) -> (Option<(Block, Claimed)>, bool) {
-        let Ok(mut claimed) = self.0.lock() else {
+        let Ok(mut pickers) = self.0.lock() else {
             return (None, true);
         };
+        let booked: HashSet<Place> = pickers
+            .snapshots
+            .get(&section)
+            .map(|s| s.booked.iter().map(|(_, place)| *place).collect())
+            .unwrap_or_default();
         let passed_over = std::cell::Cell::new(false);
-        let block = best_block(section, count, |seat| {
-            if out(seat) {
+        let block = best_block(seats, count, |row, number| {
+            let place = (row, number);
+            if out(place) || booked.contains(&place) {
                 return true;
             }
-            let busy = claimed.contains(&(show_id, seat.clone()));
+            let busy = pickers.claimed.contains(&(section, place));
             passed_over.set(passed_over.get() || busy);
             busy
         });
@@ -87,22 +246,148 @@ impl Claims {
         let Some(block) = block else {
             return (None, passed_over);
         };
-        for seat in &block.seats {
-            claimed.insert((show_id, seat.clone()));
-        }
+        let claimed: Vec<Place> = places(&block).collect();
+        pickers
+            .claimed
+            .extend(claimed.iter().map(|place| (section, *place)));
         let guard = Claimed {
             claims: self.clone(),
-            show_id,
-            seats: block.seats.clone(),
+            section,
+            places: claimed,
         };
         (Some((block, guard)), passed_over)
     }
 }
 
+/// The seats of a block, as places.
+fn places(block: &Block) -> impl Iterator<Item = Place> + '_ {
+    block
+        .seats
+        .iter()
+        .map(|seat| (block.row_index, seat.number()))
+}
+
+/// The section `index` of `show`, and its rows' names.
+fn section_of(show: &Show, index: usize) -> Result<(&Section, Vec<domain::RowName>), ApiError> {
+    let section = show
+        .details()
+        .and_then(|d| d.seat_map.sections().get(index))
+        .ok_or(ApiError::NotFound("section"))?;
+    let rows = section.rows.iter().map(|r| r.row.clone()).collect();
+    Ok((section, rows))
+}
+
+/// Picks `count` adjacent seats of section `section` for `order` (whose
+/// `seats` are ignored) and books them in a group (see the module's
+/// description), or in a transaction of its own when the group hands the
+/// block back. Answers as [`Sales::book`] does, `reply` building the 201.
+///
+/// # Errors
+/// 409 `no-adjacent-seats` (kept for the key); the box office's refusals;
+/// store errors.
+pub async fn pick_and_book(
+    sales: &Sales,
+    keyed: Option<&Keyed>,
+    show: Arc<Show>,
+    order: Order,
+    section: usize,
+    count: u32,
+    reply: ReplyOf,
+) -> Result<Reply, ApiError> {
+    // The whole request's patience, over both paths.
+    let deadline = Instant::now() + sales.command_wait();
+    if sales.grouping() {
+        let (seats, rows) = section_of(&show, section)?;
+        let key = (order.show_id, section);
+        // Seats a group found taken since the reading they were picked
+        // from: left out for the rest of this request, whatever a reading
+        // says, so that a reading behind the log cannot send the picker
+        // back to the same block.
+        let mut refused: HashSet<Place> = HashSet::new();
+        // Read the section again rather than pick from the latest reading.
+        let mut again = false;
+        loop {
+            let (taken, fresh) = match sales.claims.reading(key, again) {
+                Reading::Kept(taken) => (taken, false),
+                Reading::Due => {
+                    let began = Instant::now();
+                    let found = sales.taken_in_rows(order.show_id, &rows).await?;
+                    let taken = Arc::new(Taken::of(seats, &found));
+                    sales.claims.keep(key, began, Arc::clone(&taken));
+                    again = false;
+                    (taken, true)
+                }
+            };
+            let (picked, busy) = sales.claims.pick(key, seats, count, |place| {
+                taken.contains(place) || refused.contains(&place)
+            });
+            let Some((block, _claimed)) = picked else {
+                if !busy && !fresh {
+                    again = true;
+                    continue;
+                }
+                if !busy {
+                    return sales
+                        .refuse(keyed, ApiError::NoAdjacentSeats { count })
+                        .await;
+                }
+                if Instant::now() >= deadline {
+                    return Err(ApiError::StoreUnavailable(None));
+                }
+                // Every block left is being tried by another picker here.
+                tokio::time::sleep(BUSY_PAUSE).await;
+                continue;
+            };
+            let mut placed = order.clone();
+            placed.seats.clone_from(&block.seats);
+            match sales.place_picked(keyed, &show, placed, &reply).await {
+                // Taken since the reading: read again and pick again. Never
+                // the buyer's answer: they did not ask for those seats.
+                Some(Outcome::Answered(Err(ApiError::Unavailable { seats }))) => {
+                    if Instant::now() >= deadline {
+                        return Err(ApiError::StoreUnavailable(None));
+                    }
+                    let row = block.row_index;
+                    refused.extend(seats.iter().map(|seat| (row, seat.number())));
+                    again = true;
+                }
+                Some(Outcome::Answered(answer)) => {
+                    if answer
+                        .as_ref()
+                        .is_ok_and(|r| r.status == StatusCode::CREATED && !r.replayed)
+                    {
+                        sales.claims.booked(key, &block);
+                    }
+                    return answer;
+                }
+                Some(Outcome::OnItsOwn) | None => break,
+            }
+        }
+    }
+    sales
+        .transact(keyed, |conn| {
+            let (sales, show, order, reply) = (
+                sales.clone(),
+                Arc::clone(&show),
+                order.clone(),
+                Arc::clone(&reply),
+            );
+            Box::pin(async move {
+                let decided =
+                    pick_and_place(conn, &sales, &show, order, section, count, deadline).await?;
+                reply(&decided)
+            })
+        })
+        .await
+}
+
 /// Picks `count` adjacent seats of section `section` for `order` (whose
 /// `seats` are ignored) and places the booking, in the caller's
-/// transaction. Gives up with 503 after the command's whole wait
-/// ([`Sales::command_wait`]).
+/// transaction. Gives up with a 503 that is not tried again at `deadline`.
+///
+/// Each block is tried under a savepoint: the locks of a block found busy
+/// or taken are given back at once (advisory transaction locks are released
+/// with the savepoint), so a picker never holds seats it does not book.
 ///
 /// # Errors
 /// 409 `no-adjacent-seats`; the box office's refusals; store errors.
@@ -113,45 +398,53 @@ pub async fn pick_and_place(
     mut order: Order,
     section: usize,
     count: u32,
+    deadline: Instant,
 ) -> Result<Decided, ApiError> {
-    let (claims, lock_wait, patience) = (&sales.claims, sales.lock_wait, sales.command_wait());
-    let section = show
-        .details()
-        .and_then(|d| d.seat_map.sections().get(section))
-        .ok_or(ApiError::NotFound("section"))?;
-    let rows: Vec<domain::RowName> = section.rows.iter().map(|r| r.row.clone()).collect();
-    let started = tokio::time::Instant::now();
+    let (claims, lock_wait) = (&sales.claims, sales.lock_wait);
+    let key = (order.show_id, section);
+    let (seats, rows) = section_of(show, section)?;
+    let buyer = order.buyer(show);
     // Seats found busy (locked by another transaction) or taken since the
-    // last snapshot: left out until the next snapshot.
-    let mut skipped: HashSet<SeatLabel> = HashSet::new();
+    // reading: left out until the next reading.
+    let mut skipped: HashSet<Place> = HashSet::new();
     loop {
-        let now = Sales::now();
-        let taken = event_log::taken_in_rows(conn, order.show_id, &rows, now).await?;
+        let found = event_log::taken_in_rows(conn, order.show_id, &rows, Sales::now()).await?;
+        let taken = Taken::of(seats, &found);
         let mut busy = false;
         loop {
-            let (picked, passed_over) = claims.pick(order.show_id, section, count, |seat| {
-                taken.contains(seat) || skipped.contains(seat)
+            let (picked, passed_over) = claims.pick(key, seats, count, |place| {
+                taken.contains(place) || skipped.contains(&place)
             });
             busy |= passed_over;
             let Some((block, _claimed)) = picked else {
                 break;
             };
+            if Instant::now() >= deadline {
+                return Err(ApiError::StoreUnavailable(None));
+            }
+            sqlx::query("SAVEPOINT best_available")
+                .execute(&mut *conn)
+                .await?;
+            // Every lock `place` takes for a booking without lapsed holds:
+            // there it takes them again at once, never waiting while it
+            // holds these.
             let streams = event_log::lock_and_load(
                 conn,
                 order.show_id,
                 &block.seats,
-                &[],
-                None,
+                &[order.booking_id],
+                buyer,
                 LockWait::Never,
             )
             .await?;
             if !streams.locked {
+                event_log::savepoint(conn, Savepoint::Undo).await?;
                 busy = true;
-                skipped.extend(block.seats);
+                skipped.extend(places(&block));
                 continue;
             }
             let now = Sales::now();
-            let gone: Vec<SeatLabel> = block
+            let gone: Vec<Place> = block
                 .seats
                 .iter()
                 .filter(|seat| {
@@ -160,12 +453,16 @@ pub async fn pick_and_place(
                         .get(*seat)
                         .is_some_and(|s| s.state.owner_at(now).is_some())
                 })
-                .cloned()
+                .map(|seat| (block.row_index, seat.number()))
                 .collect();
             if !gone.is_empty() {
+                event_log::savepoint(conn, Savepoint::Undo).await?;
                 skipped.extend(gone);
                 continue;
             }
+            sqlx::query("RELEASE SAVEPOINT best_available")
+                .execute(&mut *conn)
+                .await?;
             order.seats = block.seats;
             // The block's locks are held: `place` takes them again at once
             // (advisory locks are re-entrant in a transaction).
@@ -174,8 +471,8 @@ pub async fn pick_and_place(
         if !busy {
             return Err(ApiError::NoAdjacentSeats { count });
         }
-        if started.elapsed() >= patience {
-            return Err(ApiError::StoreUnavailable(Some(LogError::LockTimeout)));
+        if Instant::now() >= deadline {
+            return Err(ApiError::StoreUnavailable(None));
         }
         // Every block left is being taken by someone: look again once some
         // have committed (their seats are then taken) or failed (free).

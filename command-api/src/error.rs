@@ -147,6 +147,7 @@ impl ApiError {
             Self::SeatLimit { limit, current, .. } => problem
                 .with("limit", json!(limit))
                 .with("current", json!(current)),
+            Self::NoAdjacentSeats { count } => problem.with("count", json!(count)),
             Self::InProgress => problem.with("in_progress", json!(true)).retry_after(1),
             Self::StoreUnavailable(_) => problem.retry_after(1),
             _ => problem,

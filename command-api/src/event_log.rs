@@ -680,9 +680,41 @@ impl TakenSeats {
     }
 }
 
-/// The seats of `rows` (of `show_id`) that a booking holds (and has not let
-/// lapse by `now`) or owns, from the committed `taken_seats`: a snapshot to
-/// choose from, never to decide on.
+/// A step of a savepoint: one try within a transaction that may be undone,
+/// the locks it took given back.
+#[derive(Debug, Clone, Copy)]
+pub enum Savepoint {
+    /// Start a try.
+    Begin,
+    /// Keep what the try did.
+    Keep,
+    /// Undo it, releasing its locks (transaction-level advisory locks go
+    /// with the savepoint they were taken under).
+    Undo,
+}
+
+/// Runs a step of the savepoint of a best-available try.
+///
+/// # Errors
+/// [`LogError::Database`].
+pub async fn savepoint(conn: &mut PgConnection, step: Savepoint) -> Result<(), LogError> {
+    let statements: &[&str] = match step {
+        Savepoint::Begin => &["SAVEPOINT best_available"],
+        Savepoint::Keep => &["RELEASE SAVEPOINT best_available"],
+        Savepoint::Undo => &[
+            "ROLLBACK TO SAVEPOINT best_available",
+            "RELEASE SAVEPOINT best_available",
+        ],
+    };
+    for statement in statements {
+        sqlx::query(statement).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// The numbers of the seats of `rows` (of `show_id`), by row name, that a
+/// booking holds (and has not let lapse by `now`) or owns, from the
+/// committed `taken_seats`: a snapshot to choose from, never to decide on.
 ///
 /// # Errors
 /// [`LogError::Database`].
@@ -691,11 +723,14 @@ pub async fn taken_in_rows(
     show_id: ShowId,
     rows: &[domain::RowName],
     now: domain::Timestamp,
-) -> Result<std::collections::HashSet<SeatLabel>, LogError> {
-    let found: Vec<(String, i32)> = sqlx::query_as(
-        "SELECT row_name, number FROM taken_seats
+) -> Result<std::collections::HashMap<String, Vec<u32>>, LogError> {
+    // One answer row per seat row: a section's thousands of taken seats
+    // cross the wire as a few arrays.
+    let found: Vec<(String, Vec<i32>)> = sqlx::query_as(
+        "SELECT row_name, array_agg(number) FROM taken_seats
           WHERE show_id = $1 AND row_name = ANY($2)
-            AND (expires_at IS NULL OR expires_at > $3)",
+            AND (expires_at IS NULL OR expires_at > $3)
+          GROUP BY row_name",
     )
     .bind(show_id.as_uuid())
     .bind(rows.iter().map(ToString::to_string).collect::<Vec<_>>())
@@ -704,9 +739,12 @@ pub async fn taken_in_rows(
     .await?;
     Ok(found
         .into_iter()
-        .filter_map(|(row, number)| {
-            let row = domain::RowName::new(&row).ok()?;
-            SeatLabel::new(row, u32::try_from(number).ok()?).ok()
+        .map(|(row, numbers)| {
+            let numbers = numbers
+                .into_iter()
+                .filter_map(|n| u32::try_from(n).ok())
+                .collect();
+            (row, numbers)
         })
         .collect())
 }

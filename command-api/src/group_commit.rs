@@ -57,6 +57,11 @@ pub struct Placement {
     pub keyed: Option<Keyed>,
     /// Its answer.
     pub reply: ReplyOf,
+    /// Its seats were picked by best available from a snapshot: a seat
+    /// taken meanwhile is not the buyer's refusal but the picker's cue to
+    /// pick again, so it is handed back as `Err(Unavailable)` and not kept
+    /// for the key.
+    pub picked: bool,
 }
 
 /// A refusal decided before any lock (from a snapshot, or while waiting),
@@ -425,6 +430,10 @@ async fn decide_and_commit(pool: &PgPool, group: &[&Command]) -> anyhow::Result<
             }
             Err(error) if error.is_server_error() => {
                 outcomes.push(Outcome::Answered(Err(error)));
+                continue;
+            }
+            Err(taken @ ApiError::Unavailable { .. }) if placement.picked => {
+                outcomes.push(Outcome::Answered(Err(taken)));
                 continue;
             }
             // A refusal is an answer too, kept for the key.

@@ -422,14 +422,7 @@ pub async fn place_booking(
     if let Err(refusal) = Sales::check(&show, &order) {
         return sales.refuse(keyed.as_ref(), refusal).await;
     }
-    let signer = sales.clone();
-    let reply_of: ReplyOf = Arc::new(move |decided: &Decided| {
-        let view = BookingView::of(&decided.booking, decided.now)?;
-        let mut reply = Reply::json(StatusCode::CREATED, &view);
-        reply.header(header::LOCATION, location("bookings", &view.booking_id));
-        with_token(&mut reply, &signer.signed(&decided.token));
-        Ok(reply)
-    });
+    let reply_of = booked_reply(&sales);
     let mut pass = match enter_gate(&sales, keyed.as_ref(), &show, &order, &reply_of).await? {
         Gated::Through(pass) => pass,
         Gated::Answered(answer) => return answer,
@@ -443,8 +436,21 @@ pub async fn place_booking(
     Ok(reply)
 }
 
+/// The 201 of a booking placed: the booking, where to find it, and the
+/// consistency token of its write.
+fn booked_reply(sales: &Sales) -> ReplyOf {
+    let signer = sales.clone();
+    Arc::new(move |decided: &Decided| {
+        let view = BookingView::of(&decided.booking, decided.now)?;
+        let mut reply = Reply::json(StatusCode::CREATED, &view);
+        reply.header(header::LOCATION, location("bookings", &view.booking_id));
+        with_token(&mut reply, &signer.signed(&decided.token));
+        Ok(reply)
+    })
+}
+
 /// Books `best.count` adjacent seats the box office picks in
-/// `best.section`, in one transaction (see [`crate::best_available`]).
+/// `best.section` (see [`crate::best_available`]).
 async fn place_best_available(
     sales: &Sales,
     keyed: Option<&Keyed>,
@@ -469,22 +475,8 @@ async fn place_best_available(
                 serde_json::Map::new(),
             )
         })?;
-    let count = best.count;
-    sales
-        .transact(keyed, |conn| {
-            let (signer, show, order) = (sales.clone(), Arc::clone(&show), order.clone());
-            Box::pin(async move {
-                let decided = crate::best_available::pick_and_place(
-                    conn, &signer, &show, order, section, count,
-                )
-                .await?;
-                let view = BookingView::of(&decided.booking, decided.now)?;
-                let mut reply = Reply::json(StatusCode::CREATED, &view);
-                reply.header(header::LOCATION, location("bookings", &view.booking_id));
-                with_token(&mut reply, &signer.signed(&decided.token));
-                Ok(reply)
-            })
-        })
+    let reply_of = booked_reply(sales);
+    crate::best_available::pick_and_book(sales, keyed, show, order, section, best.count, reply_of)
         .await
 }
 

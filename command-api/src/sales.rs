@@ -142,6 +142,7 @@ impl Sales {
                 order: order.clone(),
                 keyed: keyed.cloned(),
                 reply: Arc::clone(reply),
+                picked: false,
             });
             match group.submit(check).await {
                 Outcome::Answered(answer) => return answer.map(Some),
@@ -179,6 +180,7 @@ impl Sales {
                 order: order.clone(),
                 keyed: keyed.cloned(),
                 reply: Arc::clone(&reply),
+                picked: false,
             };
             if let Outcome::Answered(answer) = group.submit(Command::Place(placement)).await {
                 return answer;
@@ -196,6 +198,47 @@ impl Sales {
             })
         })
         .await
+    }
+
+    /// Books `order`, whose seats best available picked from a snapshot,
+    /// in the next group (see [`Placement::picked`]); `None` when grouping
+    /// is off.
+    pub async fn place_picked(
+        &self,
+        keyed: Option<&Keyed>,
+        show: &Arc<Show>,
+        order: Order,
+        reply: &ReplyOf,
+    ) -> Option<Outcome> {
+        let group = self.group.as_ref()?;
+        let placement = Placement {
+            show: Arc::clone(show),
+            order,
+            keyed: keyed.cloned(),
+            reply: Arc::clone(reply),
+            picked: true,
+        };
+        Some(group.submit(Command::Place(placement)).await)
+    }
+
+    /// Whether booking commands run in groups.
+    pub fn grouping(&self) -> bool {
+        self.group.is_some()
+    }
+
+    /// The numbers of the seats of `rows`, by row name, that are held
+    /// (until their hold lapses) or booked as of the committed state: a
+    /// snapshot to pick from, never to decide on.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn taken_in_rows(
+        &self,
+        show_id: ShowId,
+        rows: &[domain::RowName],
+    ) -> Result<HashMap<String, Vec<u32>>, ApiError> {
+        let mut conn = self.pool.acquire().await.map_err(LogError::Unreachable)?;
+        Ok(event_log::taken_in_rows(&mut conn, show_id, rows, Self::now()).await?)
     }
 
     /// The longest a command may wait in all: for every attempt's locks.

@@ -5,8 +5,9 @@
 //! near, the one with the lower numbers.
 //!
 //! Pure: the caller says which seats are out of the question (taken, or
-//! being tried by another buyer at this moment) and gets the best block of
-//! what is left, or every block in order of preference.
+//! being tried by another buyer at this moment), by row and number so that
+//! looking at a stadium section's seats builds no label, and gets the best
+//! block of what is left.
 
 use crate::ids::SeatLabel;
 use crate::show::{Row, Section};
@@ -33,9 +34,10 @@ fn distance(row_seats: u32, first: u32, count: u32) -> u64 {
     block_middle.abs_diff(row_middle)
 }
 
-/// The best block of `count` seats of `row` none of which `out` rules out:
-/// nearest the middle, then lowest. `None` when the row has no such block.
-pub fn best_in_row(row: &Row, count: u32, out: impl Fn(&SeatLabel) -> bool) -> Option<u32> {
+/// The first seat of the best block of `count` seats of `row` none of
+/// whose numbers `out` rules out: nearest the middle, then lowest. `None`
+/// when the row has no such block.
+pub fn best_in_row(row: &Row, count: u32, out: impl Fn(u32) -> bool) -> Option<u32> {
     if count == 0 || count > row.seats {
         return None;
     }
@@ -44,8 +46,7 @@ pub fn best_in_row(row: &Row, count: u32, out: impl Fn(&SeatLabel) -> bool) -> O
     // run is at least `count` long.
     let mut run = 0_u32;
     for number in 1..=row.seats {
-        let usable = SeatLabel::new(row.row.clone(), number).is_ok_and(|label| !out(&label));
-        run = if usable { run + 1 } else { 0 };
+        run = if out(number) { 0 } else { run + 1 };
         if run >= count {
             let first = number + 1 - count;
             let key = (distance(row.seats, first, count), first);
@@ -58,18 +59,19 @@ pub fn best_in_row(row: &Row, count: u32, out: impl Fn(&SeatLabel) -> bool) -> O
 }
 
 /// The best block of `count` adjacent seats of `section` none of which
-/// `out` rules out, or `None` when no row has one.
+/// `out` rules out (given the row's index in the section and the seat's
+/// number), or `None` when no row has one.
 pub fn best_block(
     section: &Section,
     count: u32,
-    out: impl Fn(&SeatLabel) -> bool,
+    out: impl Fn(usize, u32) -> bool,
 ) -> Option<Block> {
     section
         .rows
         .iter()
         .enumerate()
         .find_map(|(row_index, row)| {
-            let first = best_in_row(row, count, &out)?;
+            let first = best_in_row(row, count, |number| out(row_index, number))?;
             let seats = (first..first + count)
                 .map(|n| SeatLabel::new(row.row.clone(), n))
                 .collect::<Result<Vec<_>, _>>()

@@ -70,7 +70,8 @@ proptest! {
             })
             .collect();
         let all = every_block(&section, count, &out);
-        match best_block(&section, count, |label| out.contains(label)) {
+        let label = |row: usize, n: u32| SeatLabel::new(section.rows[row].row.clone(), n).expect("a label");
+        match best_block(&section, count, |row, n| out.contains(&label(row, n))) {
             None => prop_assert!(all.is_empty(), "no block chosen, but {:?} was free", all.first()),
             Some(block) => {
                 let row = &section.rows[block.row_index];
@@ -94,7 +95,9 @@ fn pairs_fill_a_row_from_its_middle_outwards_and_rows_front_to_back() {
     let section = section(&[6, 6]);
     let mut taken = BTreeSet::new();
     let mut order = Vec::new();
-    while let Some(block) = best_block(&section, 2, |l| taken.contains(l)) {
+    while let Some(block) = best_block(&section, 2, |row, n| {
+        taken.contains(&SeatLabel::new(section.rows[row].row.clone(), n).expect("a label"))
+    }) {
         order.push(
             block
                 .seats

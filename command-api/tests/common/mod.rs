@@ -150,6 +150,31 @@ impl TestApp {
     }
 }
 
+/// A second command-api on a test app's database, as another replica.
+pub struct Replica {
+    pub base: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts another command-api on this app's database.
+    pub async fn replica(&self) -> anyhow::Result<Replica> {
+        let app = App::build(settings(self.db.url(), 600)).await?;
+        let base = format!("http://{}", app.addr()?);
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(app.run_until(stop.clone()));
+        Ok(Replica { base, stop, server })
+    }
+}
+
+impl Replica {
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.server.await?
+    }
+}
+
 pub fn jazz_night() -> Value {
     json!({
         "name": "Jazz Night", "venue": "Blue Note", "starts_at": "2027-03-01T20:00:00Z",
