@@ -16,9 +16,12 @@
 //!    group tries its locks without waiting and the seat aggregates decide
 //!    under them. A seat taken since the snapshot comes back to the picker
 //!    (not as the buyer's 409), which leaves it out and picks again.
-//! 3. A block the group could not decide on (its locks busy in another
-//!    process's transaction, a lapsed hold to expire first) is picked again
-//!    in a transaction of its own ([`pick_and_place`]).
+//! 3. A block whose locks another transaction holds (a booking in flight
+//!    in another process) is passed over for the next best; it is tried
+//!    again only once no other block is left. A block the group could not
+//!    decide on for another reason (a lapsed hold to expire first, a busy
+//!    idempotency key) is picked again in a transaction of its own
+//!    ([`pick_and_place`]).
 //!
 //! In a transaction of its own (no grouping, or handed back by a group):
 //! the snapshot is read in the transaction, the block's seat streams are
@@ -304,6 +307,10 @@ pub async fn pick_and_book(
         // says, so that a reading behind the log cannot send the picker
         // back to the same block.
         let mut refused: HashSet<Place> = HashSet::new();
+        // Blocks locked by another transaction when tried: passed over while
+        // other blocks remain, tried again when none does (the booking in
+        // flight there may yet fail).
+        let mut passed: HashSet<Place> = HashSet::new();
         // Read the section again rather than pick from the latest reading.
         let mut again = false;
         loop {
@@ -319,13 +326,15 @@ pub async fn pick_and_book(
                 }
             };
             let (picked, busy) = sales.claims.pick(key, seats, count, |place| {
-                taken.contains(place) || refused.contains(&place)
+                taken.contains(place) || refused.contains(&place) || passed.contains(&place)
             });
             let Some((block, _claimed)) = picked else {
                 if !busy && !fresh {
                     again = true;
                     continue;
                 }
+                let busy = busy || !passed.is_empty();
+                passed.clear();
                 if !busy {
                     return sales
                         .refuse(keyed, ApiError::NoAdjacentSeats { count })
@@ -334,7 +343,8 @@ pub async fn pick_and_book(
                 if Instant::now() >= deadline {
                     return Err(ApiError::StoreUnavailable(None));
                 }
-                // Every block left is being tried by another picker here.
+                // Every block left is being tried by another picker here, or
+                // was locked by another transaction when tried.
                 tokio::time::sleep(BUSY_PAUSE).await;
                 continue;
             };
@@ -359,6 +369,12 @@ pub async fn pick_and_book(
                         sales.claims.booked(key, &block);
                     }
                     return answer;
+                }
+                Some(Outcome::Busy) => {
+                    if Instant::now() >= deadline {
+                        return Err(ApiError::StoreUnavailable(None));
+                    }
+                    passed.extend(places(&block));
                 }
                 Some(Outcome::OnItsOwn) | None => break,
             }
@@ -403,7 +419,28 @@ pub async fn pick_and_place(
     let (claims, lock_wait) = (&sales.claims, sales.lock_wait);
     let key = (order.show_id, section);
     let (seats, rows) = section_of(show, section)?;
-    let buyer = order.buyer(show);
+    // The booking's and the buyer's locks first, waited for while no seat
+    // is locked: a busy buyer (their own confirm, say) must not make every
+    // block look busy.
+    let own = event_log::lock_and_load(
+        conn,
+        order.show_id,
+        &[],
+        &[order.booking_id],
+        order.buyer(show),
+        LockWait::Upto(lock_wait),
+    )
+    .await?;
+    if let Some(booking) = own.bookings.get(&order.booking_id) {
+        // A group's commit reported an error but took effect: the booking
+        // is answered as it stands, with its own seats.
+        order.seats = booking
+            .state
+            .details()
+            .map(|d| d.seats.iter().map(|s| s.label.clone()).collect())
+            .unwrap_or_default();
+        return Sales::place(conn, show, order, lock_wait, false).await;
+    }
     // Seats found busy (locked by another transaction) or taken since the
     // reading: left out until the next reading.
     let mut skipped: HashSet<Place> = HashSet::new();
@@ -419,30 +456,16 @@ pub async fn pick_and_place(
             let Some((block, _claimed)) = picked else {
                 break;
             };
-            if Instant::now() >= deadline {
-                return Err(ApiError::StoreUnavailable(None));
-            }
-            sqlx::query("SAVEPOINT best_available")
-                .execute(&mut *conn)
-                .await?;
-            // Every lock `place` takes for a booking without lapsed holds:
-            // there it takes them again at once, never waiting while it
-            // holds these.
+            event_log::savepoint(conn, Savepoint::Begin).await?;
             let streams = event_log::lock_and_load(
                 conn,
                 order.show_id,
                 &block.seats,
-                &[order.booking_id],
-                buyer,
+                &[],
+                None,
                 LockWait::Never,
             )
             .await?;
-            if !streams.locked {
-                event_log::savepoint(conn, Savepoint::Undo).await?;
-                busy = true;
-                skipped.extend(places(&block));
-                continue;
-            }
             let now = Sales::now();
             let gone: Vec<Place> = block
                 .seats
@@ -455,17 +478,25 @@ pub async fn pick_and_place(
                 })
                 .map(|seat| (block.row_index, seat.number()))
                 .collect();
-            if !gone.is_empty() {
+            if !streams.locked || !gone.is_empty() {
                 event_log::savepoint(conn, Savepoint::Undo).await?;
-                skipped.extend(gone);
+                if streams.locked {
+                    skipped.extend(gone);
+                } else {
+                    busy = true;
+                    skipped.extend(places(&block));
+                }
+                if Instant::now() >= deadline {
+                    return Err(ApiError::StoreUnavailable(None));
+                }
                 continue;
             }
-            sqlx::query("RELEASE SAVEPOINT best_available")
-                .execute(&mut *conn)
-                .await?;
+            event_log::savepoint(conn, Savepoint::Keep).await?;
             order.seats = block.seats;
-            // The block's locks are held: `place` takes them again at once
-            // (advisory locks are re-entrant in a transaction).
+            // Every lock `place` takes for a booking without lapsed holds is
+            // held: it takes them again at once (advisory locks are
+            // re-entrant in a transaction), never waiting while it holds
+            // these.
             return Sales::place(conn, show, order, lock_wait, false).await;
         }
         if !busy {

@@ -95,6 +95,10 @@ pub enum Outcome {
     Answered(Result<Reply, ApiError>),
     /// Not decided here: run it on its own.
     OnItsOwn,
+    /// A picked placement without a key whose seats another transaction
+    /// has locked (a booking in flight elsewhere): the picker picks another
+    /// block rather than waiting for these.
+    Busy,
 }
 
 /// Settings of group commit.
@@ -343,7 +347,10 @@ async fn decide_and_commit(pool: &PgPool, group: &[&Command]) -> anyhow::Result<
     let mut outcomes = Vec::with_capacity(group.len());
     for (command, locked) in group.iter().zip(locked) {
         if !locked {
-            outcomes.push(Outcome::OnItsOwn);
+            outcomes.push(match command {
+                Command::Place(p) if p.picked && p.keyed.is_none() => Outcome::Busy,
+                _ => Outcome::OnItsOwn,
+            });
             continue;
         }
         if let Some(keyed) = keyed_of(command) {

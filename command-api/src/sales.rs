@@ -146,9 +146,9 @@ impl Sales {
             });
             match group.submit(check).await {
                 Outcome::Answered(answer) => return answer.map(Some),
-                Outcome::OnItsOwn if keyed.is_none() => return Ok(None),
+                Outcome::OnItsOwn | Outcome::Busy if keyed.is_none() => return Ok(None),
                 // The key was busy: its first request is in flight.
-                Outcome::OnItsOwn => {}
+                Outcome::OnItsOwn | Outcome::Busy => {}
             }
         }
         let taken = self.taken_seats(order.show_id, &order.seats).await?;

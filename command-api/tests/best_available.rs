@@ -208,6 +208,44 @@ async fn pickers_on_two_replicas_are_never_refused_while_pairs_remain() -> anyho
     app.stop().await
 }
 
+/// A block whose seat another transaction has locked (a booking of
+/// another process in flight) is passed over for the next best, rather
+/// than waited for or refused.
+#[tokio::test]
+async fn a_block_locked_elsewhere_is_passed_over_for_the_next() -> anyhow::Result<()> {
+    let app = TestApp::spawn().await?;
+    let show = arena(&app, 1, 6).await?;
+    let show_id: domain::ShowId = show.parse()?;
+    let seat = |label: &str| -> anyhow::Result<i64> {
+        Ok(command_api::event_log::seat_key(show_id, &label.parse()?))
+    };
+    // Another transaction holds A3: the best pair, A3+A4, is busy.
+    let mut elsewhere = app.db.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(seat("A3")?)
+        .execute(&mut *elsewhere)
+        .await?;
+    let (status, body) = app.post("/bookings", &best(&show, 2, false)).await?;
+    ensure!(
+        status == 201 && body["seats"] == json!(["A1", "A2"]),
+        "{status} {body}"
+    );
+    // A4 was only tried: it is anyone's while A3 is still held elsewhere.
+    let (status, body) = app
+        .post("/bookings", &common::booking(&show, &["A4"], false))
+        .await?;
+    ensure!(status == 201, "{status} {body}");
+    elsewhere.rollback().await?;
+    let (status, body) = app.post("/bookings", &best(&show, 2, false)).await?;
+    ensure!(
+        status == 201 && body["seats"] == json!(["A5", "A6"]),
+        "{status} {body}"
+    );
+    check_log(&app.db.pool).await?;
+    taken_seats_agree_with_the_log(&app).await?;
+    app.stop().await
+}
+
 #[tokio::test]
 async fn bad_best_available_requests_are_422_and_write_nothing() -> anyhow::Result<()> {
     let app = TestApp::spawn().await?;
