@@ -75,8 +75,9 @@ impl Answer {
         );
         ensure!(
             self.body["type"] == format!("/problems/{kind}"),
-            "type {} instead of /problems/{kind}",
-            self.body["type"]
+            "type {} instead of /problems/{kind}: {}",
+            self.body["type"],
+            self.body
         );
         ensure!(
             self.body["status"] == status.as_u16(),
