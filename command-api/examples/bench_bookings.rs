@@ -45,6 +45,17 @@ struct Args {
     /// each on its own, as before group commit).
     #[arg(long, default_value_t = 64)]
     batch_max: u64,
+    /// Sections of the best-available show: buyers of a rush ask for the
+    /// same few sections, several for each, as at an on-sale.
+    #[arg(long, default_value_t = 8)]
+    best_sections: usize,
+    /// Rows of each of its sections (40,000 seats in all by default, more
+    /// than a round sells at this machine's rate).
+    #[arg(long, default_value_t = 50)]
+    best_rows: usize,
+    /// Seats in each of those rows.
+    #[arg(long, default_value_t = 100)]
+    best_row_seats: usize,
 }
 
 /// Row names of the benchmark show: one row per client.
@@ -219,15 +230,7 @@ async fn measure_service(
     .await)
 }
 
-/// Sections of the best-available show: buyers of a rush ask for the
-/// same few sections, several for each, as at an on-sale.
-const BEST_SECTIONS: usize = 8;
-/// Rows of each section, and seats in each: 40,000 seats in all, more than
-/// a round sells at this machine's rate.
-const BEST_ROWS: usize = 50;
-const BEST_ROW_SEATS: usize = 100;
-
-/// Client `c` asks for two seats of section `c % BEST_SECTIONS`, the box
+/// Client `c` asks for two seats of section `c % best_sections`, the box
 /// office picking them, as the client's own user.
 async fn measure_best_available(
     args: &Args,
@@ -235,10 +238,10 @@ async fn measure_best_available(
     service: &Service,
     tokens: Arc<Vec<String>>,
 ) -> anyhow::Result<Figures> {
-    let sections: Vec<Value> = (0..BEST_SECTIONS)
+    let sections: Vec<Value> = (0..args.best_sections)
         .map(|s| {
-            let rows: Vec<Value> = (0..BEST_ROWS)
-                .map(|r| json!({"row": format!("{}{}", row_name(s), row_name(r)), "seats": BEST_ROW_SEATS}))
+            let rows: Vec<Value> = (0..args.best_rows)
+                .map(|r| json!({"row": format!("{}{}", row_name(s), row_name(r)), "seats": args.best_row_seats}))
                 .collect();
             json!({"name": format!("S{s}"), "price_cents": 5000, "rows": rows})
         })
@@ -255,12 +258,13 @@ async fn measure_best_available(
         .await?;
     let show_id = show["show_id"].as_str().context("show created")?.to_owned();
     let (client, base) = (client.clone(), service.base.clone());
+    let sections_asked = args.best_sections.max(1);
     Ok(measure(args.clients, args.seconds, move |c, _| {
         let request = client
             .post(format!("{base}/bookings"))
             .bearer_auth(tokens.get(c).map_or("", String::as_str));
         let body = json!({"show_id": show_id,
-                          "best_available": {"count": 2, "section": format!("S{}", c % BEST_SECTIONS)}});
+                          "best_available": {"count": 2, "section": format!("S{}", c % sections_asked)}});
         async move { matches!(request.json(&body).send().await, Ok(r) if r.status() == 201) }
     })
     .await)
@@ -272,6 +276,10 @@ async fn main() -> anyhow::Result<()> {
     ensure!(
         (1..=676).contains(&args.clients),
         "each client books from a row of its own: 1 to 676 clients"
+    );
+    ensure!(
+        (1..=676).contains(&args.best_sections) && (1..=676).contains(&args.best_rows),
+        "rows and sections are named by two letters each: 1 to 676 of each"
     );
     let db = TestDatabase::create()
         .await
