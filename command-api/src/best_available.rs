@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use domain::best_available::{best_block, Block};
+use domain::best_available::{best_block_from, best_in_row, Block};
 use domain::{Section, Show, ShowId};
 use sqlx::PgConnection;
 
@@ -122,6 +122,11 @@ struct Snapshot {
     /// Seats pickers here booked after the reading began, so that nobody
     /// here tries them again before the next reading shows them.
     booked: Vec<(Instant, Place)>,
+    /// By block size, the first row that has such a block as this reading
+    /// has it: the rows before it are full for that size, and stay so for
+    /// the reading's life (booked seats and claims only take more away), so
+    /// pickers of a stadium section do not scan its sold front rows again.
+    front: HashMap<u32, usize>,
     /// A picker is reading the section again: the others go on with this
     /// reading meanwhile rather than all reading it at once.
     reading: bool,
@@ -187,6 +192,7 @@ impl Claims {
                 kept.began = began;
                 kept.taken = taken;
                 kept.booked.retain(|(at, _)| *at >= began);
+                kept.front.clear();
                 kept.reading = false;
             }
             None => {
@@ -196,6 +202,7 @@ impl Claims {
                         began,
                         taken,
                         booked: Vec::new(),
+                        front: HashMap::new(),
                         reading: false,
                     },
                 );
@@ -219,16 +226,34 @@ impl Claims {
     /// Picks the best block of `seats` that `out` leaves, no other picker
     /// here is trying and none here booked since the section's reading, and
     /// claims it; also says whether a claim of another picker was passed
-    /// over.
+    /// over. `out` leaves out at least what the section's kept reading
+    /// has taken when `from_reading` (the rows the reading has full are
+    /// then skipped); a picker with a reading of its own says false.
     fn pick(
         &self,
         section: SectionKey,
         seats: &Section,
         count: u32,
+        from_reading: bool,
         out: impl Fn(Place) -> bool,
     ) -> (Option<(Block, Claimed)>, bool) {
         let Ok(mut pickers) = self.0.lock() else {
             return (None, true);
+        };
+        let first_row = match pickers.snapshots.get_mut(&section) {
+            Some(snapshot) if from_reading => {
+                let taken = Arc::clone(&snapshot.taken);
+                let front = snapshot.front.entry(count).or_insert(0);
+                while let Some(row) = seats.rows.get(*front) {
+                    let index = *front;
+                    if best_in_row(row, count, |n| taken.contains((index, n))).is_some() {
+                        break;
+                    }
+                    *front += 1;
+                }
+                *front
+            }
+            _ => 0,
         };
         let booked: HashSet<Place> = pickers
             .snapshots
@@ -236,7 +261,7 @@ impl Claims {
             .map(|s| s.booked.iter().map(|(_, place)| *place).collect())
             .unwrap_or_default();
         let passed_over = std::cell::Cell::new(false);
-        let block = best_block(seats, count, |row, number| {
+        let block = best_block_from(seats, count, first_row, |row, number| {
             let place = (row, number);
             if out(place) || booked.contains(&place) {
                 return true;
@@ -325,7 +350,7 @@ pub async fn pick_and_book(
                     (taken, true)
                 }
             };
-            let (picked, busy) = sales.claims.pick(key, seats, count, |place| {
+            let (picked, busy) = sales.claims.pick(key, seats, count, true, |place| {
                 taken.contains(place) || refused.contains(&place) || passed.contains(&place)
             });
             let Some((block, _claimed)) = picked else {
@@ -449,7 +474,7 @@ pub async fn pick_and_place(
         let taken = Taken::of(seats, &found);
         let mut busy = false;
         loop {
-            let (picked, passed_over) = claims.pick(key, seats, count, |place| {
+            let (picked, passed_over) = claims.pick(key, seats, count, false, |place| {
                 taken.contains(place) || skipped.contains(&place)
             });
             busy |= passed_over;

@@ -66,10 +66,22 @@ pub fn best_block(
     count: u32,
     out: impl Fn(usize, u32) -> bool,
 ) -> Option<Block> {
+    best_block_from(section, count, 0, out)
+}
+
+/// [`best_block`] for a caller who knows that no row before `first_row`
+/// has such a block: the same answer, without looking at those rows.
+pub fn best_block_from(
+    section: &Section,
+    count: u32,
+    first_row: usize,
+    out: impl Fn(usize, u32) -> bool,
+) -> Option<Block> {
     section
         .rows
         .iter()
         .enumerate()
+        .skip(first_row)
         .find_map(|(row_index, row)| {
             let first = best_in_row(row, count, |number| out(row_index, number))?;
             let seats = (first..first + count)

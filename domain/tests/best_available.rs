@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use domain::best_available::{best_block, better, Block};
+use domain::best_available::{best_block, best_block_from, better, Block};
 use domain::{Cents, Row, RowName, SeatLabel, Section, SectionName};
 use proptest::prelude::*;
 
@@ -71,6 +71,12 @@ proptest! {
             .collect();
         let all = every_block(&section, count, &out);
         let label = |row: usize, n: u32| SeatLabel::new(section.rows[row].row.clone(), n).expect("a label");
+        // Starting at the first row that has a block changes nothing.
+        let first_row = all.iter().map(|b| b.row_index).min().unwrap_or(section.rows.len());
+        prop_assert_eq!(
+            best_block_from(&section, count, first_row, |row, n| out.contains(&label(row, n))),
+            best_block(&section, count, |row, n| out.contains(&label(row, n)))
+        );
         match best_block(&section, count, |row, n| out.contains(&label(row, n))) {
             None => prop_assert!(all.is_empty(), "no block chosen, but {:?} was free", all.first()),
             Some(block) => {
