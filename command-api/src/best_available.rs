@@ -9,7 +9,7 @@
 //!    projection of the seat events; a hold counts until it lapses), and
 //!    the domain picks the best block of what is left
 //!    ([`domain::best_available::best_block`]), leaving out seats another
-//!    picker of this process is trying at this moment ([`Claims`]), so a
+//!    picker of this process is trying at this moment ([`Pickers`]), so a
 //!    rush of pickers spreads over the section instead of queueing for its
 //!    best seats.
 //! 2. The block goes to the next group as a booking of those seats. The
@@ -105,10 +105,10 @@ impl Taken {
 /// so that a rush of pickers does not all try the same best block first,
 /// and the latest reading of each section's taken seats.
 #[derive(Debug, Clone, Default)]
-pub struct Claims(Arc<Mutex<Pickers>>);
+pub struct Pickers(Arc<Mutex<Shared>>);
 
 #[derive(Debug, Default)]
-struct Pickers {
+struct Shared {
     claimed: HashSet<(SectionKey, Place)>,
     snapshots: HashMap<SectionKey, Snapshot>,
 }
@@ -143,29 +143,29 @@ enum Reading {
 /// Seats claimed until dropped.
 #[derive(Debug)]
 pub struct Claimed {
-    claims: Claims,
+    pickers: Pickers,
     section: SectionKey,
     places: Vec<Place>,
 }
 
 impl Drop for Claimed {
     fn drop(&mut self) {
-        if let Ok(mut pickers) = self.claims.0.lock() {
+        if let Ok(mut shared) = self.pickers.0.lock() {
             for place in self.places.drain(..) {
-                pickers.claimed.remove(&(self.section, place));
+                shared.claimed.remove(&(self.section, place));
             }
         }
     }
 }
 
-impl Claims {
+impl Pickers {
     /// The section's latest reading if it is recent enough to pick from
     /// (or is being read again by another picker), unless `again`.
     fn reading(&self, section: SectionKey, again: bool) -> Reading {
-        let Ok(mut pickers) = self.0.lock() else {
+        let Ok(mut shared) = self.0.lock() else {
             return Reading::Due;
         };
-        let Some(snapshot) = pickers.snapshots.get_mut(&section) else {
+        let Some(snapshot) = shared.snapshots.get_mut(&section) else {
             return Reading::Due;
         };
         let age = snapshot.began.elapsed();
@@ -178,44 +178,36 @@ impl Claims {
 
     /// Keeps a reading that began at `began`, unless a later one is kept.
     fn keep(&self, section: SectionKey, began: Instant, taken: Arc<Taken>) {
-        let Ok(mut pickers) = self.0.lock() else {
+        let Ok(mut shared) = self.0.lock() else {
             return;
         };
         // Readings of shows nobody picks from any more go.
-        pickers
+        shared
             .snapshots
             .retain(|_, s| s.began.elapsed() < SNAPSHOT_FOR * 400);
-        match pickers.snapshots.get_mut(&section) {
-            // A later reading is kept (and whoever reads now clears the flag).
-            Some(kept) if kept.began >= began => {}
-            Some(kept) => {
-                kept.began = began;
-                kept.taken = taken;
-                kept.booked.retain(|(at, _)| *at >= began);
-                kept.front.clear();
-                kept.reading = false;
-            }
-            None => {
-                pickers.snapshots.insert(
-                    section,
-                    Snapshot {
-                        began,
-                        taken,
-                        booked: Vec::new(),
-                        front: HashMap::new(),
-                        reading: false,
-                    },
-                );
-            }
+        let kept = shared.snapshots.entry(section).or_insert_with(|| Snapshot {
+            began,
+            taken: Arc::clone(&taken),
+            booked: Vec::new(),
+            front: HashMap::new(),
+            reading: false,
+        });
+        // A later reading is kept (and whoever reads now clears the flag).
+        if kept.began < began {
+            kept.began = began;
+            kept.taken = taken;
+            kept.booked.retain(|(at, _)| *at >= began);
+            kept.front.clear();
+            kept.reading = false;
         }
     }
 
     /// Notes that `block` of `section` was booked here just now.
     fn booked(&self, section: SectionKey, block: &Block) {
-        let Ok(mut pickers) = self.0.lock() else {
+        let Ok(mut shared) = self.0.lock() else {
             return;
         };
-        if let Some(snapshot) = pickers.snapshots.get_mut(&section) {
+        if let Some(snapshot) = shared.snapshots.get_mut(&section) {
             let now = Instant::now();
             snapshot
                 .booked
@@ -237,10 +229,10 @@ impl Claims {
         from_reading: bool,
         out: impl Fn(Place) -> bool,
     ) -> (Option<(Block, Claimed)>, bool) {
-        let Ok(mut pickers) = self.0.lock() else {
+        let Ok(mut shared) = self.0.lock() else {
             return (None, true);
         };
-        let first_row = match pickers.snapshots.get_mut(&section) {
+        let first_row = match shared.snapshots.get_mut(&section) {
             Some(snapshot) if from_reading => {
                 let taken = Arc::clone(&snapshot.taken);
                 let front = snapshot.front.entry(count).or_insert(0);
@@ -255,7 +247,7 @@ impl Claims {
             }
             _ => 0,
         };
-        let booked: HashSet<Place> = pickers
+        let booked: HashSet<Place> = shared
             .snapshots
             .get(&section)
             .map(|s| s.booked.iter().map(|(_, place)| *place).collect())
@@ -266,7 +258,7 @@ impl Claims {
             if out(place) || booked.contains(&place) {
                 return true;
             }
-            let busy = pickers.claimed.contains(&(section, place));
+            let busy = shared.claimed.contains(&(section, place));
             passed_over.set(passed_over.get() || busy);
             busy
         });
@@ -275,11 +267,11 @@ impl Claims {
             return (None, passed_over);
         };
         let claimed: Vec<Place> = places(&block).collect();
-        pickers
+        shared
             .claimed
             .extend(claimed.iter().map(|place| (section, *place)));
         let guard = Claimed {
-            claims: self.clone(),
+            pickers: self.clone(),
             section,
             places: claimed,
         };
@@ -339,18 +331,18 @@ pub async fn pick_and_book(
         // Read the section again rather than pick from the latest reading.
         let mut again = false;
         loop {
-            let (taken, fresh) = match sales.claims.reading(key, again) {
+            let (taken, fresh) = match sales.pickers.reading(key, again) {
                 Reading::Kept(taken) => (taken, false),
                 Reading::Due => {
                     let began = Instant::now();
                     let found = sales.taken_in_rows(order.show_id, &rows).await?;
                     let taken = Arc::new(Taken::of(seats, &found));
-                    sales.claims.keep(key, began, Arc::clone(&taken));
+                    sales.pickers.keep(key, began, Arc::clone(&taken));
                     again = false;
                     (taken, true)
                 }
             };
-            let (picked, busy) = sales.claims.pick(key, seats, count, true, |place| {
+            let (picked, busy) = sales.pickers.pick(key, seats, count, true, |place| {
                 taken.contains(place) || refused.contains(&place) || passed.contains(&place)
             });
             let Some((block, _claimed)) = picked else {
@@ -391,7 +383,7 @@ pub async fn pick_and_book(
                         .as_ref()
                         .is_ok_and(|r| r.status == StatusCode::CREATED && !r.replayed)
                     {
-                        sales.claims.booked(key, &block);
+                        sales.pickers.booked(key, &block);
                     }
                     return answer;
                 }
@@ -441,7 +433,7 @@ pub async fn pick_and_place(
     count: u32,
     deadline: Instant,
 ) -> Result<Decided, ApiError> {
-    let (claims, lock_wait) = (&sales.claims, sales.lock_wait);
+    let (pickers, lock_wait) = (&sales.pickers, sales.lock_wait);
     let key = (order.show_id, section);
     let (seats, rows) = section_of(show, section)?;
     // The booking's and the buyer's locks first, waited for while no seat
@@ -474,7 +466,7 @@ pub async fn pick_and_place(
         let taken = Taken::of(seats, &found);
         let mut busy = false;
         loop {
-            let (picked, passed_over) = claims.pick(key, seats, count, false, |place| {
+            let (picked, passed_over) = pickers.pick(key, seats, count, false, |place| {
                 taken.contains(place) || skipped.contains(&place)
             });
             busy |= passed_over;

@@ -41,8 +41,9 @@ pub struct Sales {
     commits: Arc<Notify>,
     /// One booking command per seat at a time goes to Postgres from here.
     pub gate: SeatGate,
-    /// Seats best-available pickers of this process are trying.
-    pub claims: crate::best_available::Claims,
+    /// What best-available pickers of this process share: the seats they
+    /// are trying, and the latest reading of each section's taken seats.
+    pub pickers: crate::best_available::Pickers,
     /// Booking commands that arrive together commit together.
     group: Option<GroupCommit>,
     /// Signs the consistency tokens of the answers.
@@ -62,7 +63,7 @@ impl Sales {
             lock_wait,
             commits: Arc::default(),
             gate: SeatGate::default(),
-            claims: crate::best_available::Claims::default(),
+            pickers: crate::best_available::Pickers::default(),
             group: None,
             token_key: Arc::new(development_key()),
         }

@@ -100,10 +100,7 @@ impl TestApp {
         let db = TestDatabase::create_on(server).await?;
         let mut settings = settings(db.url(), 600);
         change(&mut settings);
-        let app = App::build(settings).await?;
-        let base = format!("http://{}", app.addr()?);
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(app.run_until(stop.clone()));
+        let (base, stop, server) = serve(settings).await?;
         let staff = uuid::Uuid::new_v4();
         Ok(Self {
             base,
@@ -160,12 +157,24 @@ pub struct Replica {
 impl TestApp {
     /// Starts another command-api on this app's database.
     pub async fn replica(&self) -> anyhow::Result<Replica> {
-        let app = App::build(settings(self.db.url(), 600)).await?;
-        let base = format!("http://{}", app.addr()?);
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(app.run_until(stop.clone()));
+        let (base, stop, server) = serve(settings(self.db.url(), 600)).await?;
         Ok(Replica { base, stop, server })
     }
+}
+
+/// A command-api with `settings`, serving on a random port until stopped.
+async fn serve(
+    settings: Settings,
+) -> anyhow::Result<(
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let app = App::build(settings).await?;
+    let base = format!("http://{}", app.addr()?);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(app.run_until(stop.clone()));
+    Ok((base, stop, server))
 }
 
 impl Replica {
