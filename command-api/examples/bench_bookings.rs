@@ -455,6 +455,7 @@ fn test_settings(database_url: String) -> Settings {
             ..service_kit::auth::AuthSettings::default()
         },
         rates: service_kit::rate_limit::RateSettings::off(),
+        cors_allowed_origins: Vec::new(),
         log_json: false,
     }
 }

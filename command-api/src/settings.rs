@@ -76,6 +76,15 @@ pub struct Settings {
     /// How fast each user and address may call.
     #[command(flatten)]
     pub rates: service_kit::rate_limit::RateSettings,
+    /// Web origins whose pages may call this API from a browser (the seat
+    /// map page of query-api), comma-separated; `*` for any, empty for none.
+    #[arg(
+        long,
+        env = "CORS_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8082,http://localhost:8082"
+    )]
+    pub cors_allowed_origins: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::routing::{get, post};
 use axum::{middleware, Extension, Router};
 use service_kit::auth::Access;
@@ -13,6 +13,7 @@ use service_kit::connect::PoolSettings;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
@@ -31,8 +32,47 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// The migrations of `migrations/`, applied at start-up and by `migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// Which browser pages may call the API: the origins allowed, with the
+/// headers a booking sends and the ones its answer carries.
+///
+/// # Errors
+/// An origin that is not a header value.
+pub fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|origin| origin.trim())
+        .filter(|origin| !origin.is_empty())
+        .collect();
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .map(|origin| {
+                    HeaderValue::from_str(origin.trim_end_matches('/'))
+                        .with_context(|| format!("CORS origin {origin:?} is not a header value"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        )
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([
+            header::LOCATION,
+            HeaderName::from_static("x-consistency-token"),
+        ])
+        .max_age(Duration::from_secs(600)))
+}
+
 /// The HTTP routes, for the server and for tests.
-pub fn router(sales: Sales, relay: RelayStatus, access: Access) -> Router {
+pub fn router(sales: Sales, relay: RelayStatus, access: Access, cors: CorsLayer) -> Router {
     Router::new()
         .route("/shows", post(routes::create_show))
         .route("/bookings", post(routes::place_booking))
@@ -56,6 +96,9 @@ pub fn router(sales: Sales, relay: RelayStatus, access: Access) -> Router {
             service_kit::http::within(REQUEST_TIME_LIMIT, request, next)
         }))
         .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span))
+        // Outermost: a browser's preflight is answered before the guard,
+        // which would refuse it for carrying no token.
+        .layer(cors)
         .with_state(sales)
 }
 
@@ -102,6 +145,7 @@ pub struct App {
     sales: Sales,
     relay: Option<Relay>,
     access: Access,
+    cors: CorsLayer,
     settings: Settings,
 }
 
@@ -114,6 +158,7 @@ impl App {
         // Before any connection: a service that cannot check tokens must
         // not start, whatever else is up.
         let access = Access::from_settings(&settings.auth, &settings.rates)?;
+        let cors = cors(&settings.cors_allowed_origins)?;
         let pool = connect(&settings).await?;
         migrate(&pool).await?;
         let listener = TcpListener::bind(settings.addr)
@@ -148,6 +193,7 @@ impl App {
             sales,
             relay,
             access,
+            cors,
             settings,
         })
     }
@@ -179,7 +225,12 @@ impl App {
             .relay
             .map(|relay| tokio::spawn(relay.run(stop.clone())));
         tracing::info!(addr = %self.listener.local_addr()?, "command-api listening");
-        let app = router(self.sales.clone(), relay_status, self.access.clone());
+        let app = router(
+            self.sales.clone(),
+            relay_status,
+            self.access.clone(),
+            self.cors.clone(),
+        );
         // The peer address keys the rate limit of requests without a token.
         let served = axum::serve(
             self.listener,

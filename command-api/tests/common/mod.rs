@@ -52,6 +52,7 @@ pub fn settings(database_url: String, hold_secs: u64) -> Settings {
             ..service_kit::auth::AuthSettings::default()
         },
         rates: service_kit::rate_limit::RateSettings::off(),
+        cors_allowed_origins: Vec::new(),
         log_json: false,
     }
 }

@@ -85,6 +85,7 @@ pub fn command_settings(
             ..service_kit::auth::AuthSettings::default()
         },
         rates: service_kit::rate_limit::RateSettings::off(),
+        cors_allowed_origins: Vec::new(),
         log_json: false,
     }
 }
@@ -266,6 +267,8 @@ impl ReadSide {
                 ..service_kit::auth::AuthSettings::default()
             },
             rates: service_kit::rate_limit::RateSettings::off(),
+            command_api_url: "http://127.0.0.1:8081".to_owned(),
+            live: query_api::live::LiveSettings::default(),
             log_json: false,
         };
         let app = query_api::startup::App::build(settings).await?;
