@@ -37,11 +37,12 @@ release:
 test: infra tools lint release
 	cargo nextest run --workspace --all-targets --no-fail-fast
 
-# The test runner, the shell linter and the OpenAPI checkers, installed once
-# when this machine lacks them.
+# The test runner, the shell linter, the browser the seat map is tested in
+# and the OpenAPI checkers, installed once when this machine lacks them.
 tools:
 	cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 	command -v shellcheck >/dev/null || scripts/infra.sh apt shellcheck
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || scripts/infra.sh apt chromium chromium-driver
 	scripts/infra.sh api-checkers
 
 lint: tools
@@ -50,7 +51,8 @@ lint: tools
 	cargo clippy --workspace --all-targets -- -D warnings
 
 # Two short runs against what `make up` started: an on-sale of 64 buyers on
-# 2,000 seats, and 1,000 buyers racing for 10 seats.
+# 2,000 seats watched live by 1,000 subscribers, and 1,000 buyers racing for
+# 10 seats.
 bench: up
-	$(BENCH) --name onsale-64x2000 --clients 64 --seats 2000 --seconds 10 --out $(BENCH_OUT)-onsale.json
+	$(BENCH) --name onsale-64x2000 --clients 64 --seats 2000 --seconds 10 --watchers 1000 --out $(BENCH_OUT)-onsale.json
 	$(BENCH) --name race-1000x10 --clients 1000 --seats 10 --hot-seats 1 --max-seats 1 --holds 0 --cancels 0 --once --out $(BENCH_OUT)-race.json

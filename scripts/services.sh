@@ -55,6 +55,9 @@ fi
 COMMAND_URL="http://$COMMAND_API_ADDR"
 QUERY_URL="http://$QUERY_API_ADDR"
 PROJECTOR_URL="http://$PROJECTOR_ADDR"
+# The seat map page comes from query-api and books on command-api.
+export CORS_ALLOWED_ORIGINS=${CORS_ALLOWED_ORIGINS:-$QUERY_URL}
+export COMMAND_API_URL=${COMMAND_API_URL:-$COMMAND_URL}
 
 LOG_NAME=services
 # shellcheck source=scripts/common.sh
@@ -172,6 +175,10 @@ Ticketing is up.
   projector    $PROJECTOR_URL/readyz
   logs         $DIR/*.log
 
+The demo show's seat map, live (paste the token below into it to book):
+
+  $QUERY_URL/shows/$show/seatmap
+
 Book seat A1 of the demo show, then read the VIP section and your bookings:
 
 curl -s -XPOST $COMMAND_URL/bookings$with_token -H 'content-type: application/json' -d '{$body_user"show_id":"$show","seats":["A1"]}'
@@ -182,8 +189,9 @@ The reads follow the booking within milliseconds; pasted together they may
 be a moment early. A read that sends the booking's X-Consistency-Token
 header (curl -i shows it) waits for it. A1 sells once: book another seat
 (A2 ... A10, B1 ... C20) for another go. The token in these lines is the
-demo buyer's for 24 hours; \`scripts/services.sh token --sub <uuid>\` makes
-others (--role organizer may create shows, --role admin may act for anyone).
+demo buyer's for 24 hours (the seat map takes it too);
+\`scripts/services.sh token --sub <uuid>\` makes others (--role organizer
+may create shows, --role admin may act for anyone).
 EOF
 }
 

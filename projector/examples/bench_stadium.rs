@@ -123,6 +123,7 @@ fn command_settings(db: &TestDatabase, topic: &str) -> command_api::settings::Se
             ..service_kit::auth::AuthSettings::default()
         },
         rates: service_kit::rate_limit::RateSettings::off(),
+        cors_allowed_origins: Vec::new(),
         log_json: false,
     }
 }
@@ -176,6 +177,8 @@ async fn main() -> anyhow::Result<()> {
             ..service_kit::auth::AuthSettings::default()
         },
         rates: service_kit::rate_limit::RateSettings::off(),
+        command_api_url: "http://127.0.0.1:8081".to_owned(),
+        live: query_api::live::LiveSettings::default(),
         log_json: false,
     })
     .await?;

@@ -26,6 +26,9 @@ pub enum QueryError {
     /// Too many reads wait for their tokens already.
     #[error("too many reads are waiting for their writes; retry shortly")]
     Busy,
+    /// Too many live availability streams are open already.
+    #[error("too many live availability streams are open; retry shortly")]
+    TooManySubscribers,
     /// MongoDB is unreachable, failing or slow, or the read models are not
     /// there; the service recovers by itself.
     #[error("the read models are unavailable: {0}")]
@@ -60,7 +63,9 @@ impl QueryError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::BadToken(_) | Self::BadQuery(_) => StatusCode::BAD_REQUEST,
             Self::NotYetConsistent(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Busy | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Busy | Self::TooManySubscribers | Self::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -72,6 +77,7 @@ impl QueryError {
             Self::BadQuery(_) => "bad-query",
             Self::NotYetConsistent(_) => "not-yet-consistent",
             Self::Busy => "busy",
+            Self::TooManySubscribers => "too-many-subscribers",
             Self::Unavailable(_) => "unavailable",
         }
     }
@@ -84,6 +90,7 @@ impl QueryError {
             Self::BadQuery(_) => "Malformed query parameter",
             Self::NotYetConsistent(_) => "Read models not yet consistent",
             Self::Busy => "Too many waiting reads",
+            Self::TooManySubscribers => "Too many live streams",
             Self::Unavailable(_) => "Service unavailable",
         }
     }
@@ -101,9 +108,10 @@ impl IntoResponse for QueryError {
         };
         let problem = Problem::new(self.status(), self.kind(), self.title(), detail);
         match self {
-            Self::Unavailable(_) | Self::NotYetConsistent(_) | Self::Busy => {
-                problem.retry_after(1).into_response()
-            }
+            Self::Unavailable(_)
+            | Self::NotYetConsistent(_)
+            | Self::Busy
+            | Self::TooManySubscribers => problem.retry_after(1).into_response(),
             _ => problem.into_response(),
         }
     }

@@ -10,7 +10,9 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use domain::read_model::{self, BlockDoc, BookingDoc, SeatDoc, ShowDoc, BOOKINGS, SHOWS};
+use domain::read_model::{
+    self, BlockDoc, BookingDoc, Counts, SeatDoc, SectionDoc, ShowDoc, BOOKINGS, SHOWS,
+};
 use domain::{BookingId, ConsistencyToken, SeatStatus, ShowId, UserId, CONSISTENCY_HEADER};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
@@ -161,6 +163,36 @@ pub struct Availability {
     pub seats: BTreeMap<String, SeatStatus>,
 }
 
+impl Availability {
+    /// The answer for `show` (narrowed to section `only`) from its counts,
+    /// the counts of each of its sections, and the seats asked for.
+    pub fn of(
+        show: &ShowDoc,
+        only: Option<u32>,
+        counts: &Counts,
+        section_counts: &[Counts],
+        seats: BTreeMap<String, SeatStatus>,
+    ) -> Self {
+        let sections = show
+            .sections
+            .iter()
+            .zip(section_counts)
+            .enumerate()
+            .filter(|(index, _)| only.is_none_or(|only| only as usize == *index))
+            .map(|(_, (section, counts))| SectionCounts::of(section, counts))
+            .collect();
+        Self {
+            show_id: show.show_id.clone(),
+            total: counts.total,
+            available: counts.available,
+            held: counts.held,
+            booked: counts.booked,
+            sections,
+            seats,
+        }
+    }
+}
+
 /// A section's counts.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SectionCounts {
@@ -176,6 +208,20 @@ pub struct SectionCounts {
     pub held: i64,
     /// Sold.
     pub booked: i64,
+}
+
+impl SectionCounts {
+    /// A section of the show and its counts.
+    pub fn of(section: &SectionDoc, counts: &Counts) -> Self {
+        Self {
+            name: section.name.clone(),
+            price_cents: section.price_cents,
+            total: counts.total,
+            available: counts.available,
+            held: counts.held,
+            booked: counts.booked,
+        }
+    }
 }
 
 /// `GET /bookings/{id}`.
@@ -521,21 +567,6 @@ pub async fn availability(
         .collect();
     let (counts, section_counts) = show.counts_at(&counted, now);
     let in_scope = |index: usize| only.is_none_or(|only| only as usize == index);
-    let sections = show
-        .sections
-        .iter()
-        .zip(section_counts)
-        .enumerate()
-        .filter(|(index, _)| in_scope(*index))
-        .map(|(_, (section, counts))| SectionCounts {
-            name: section.name.clone(),
-            price_cents: section.price_cents,
-            total: counts.total,
-            available: counts.available,
-            held: counts.held,
-            booked: counts.booked,
-        })
-        .collect();
     let seats = seated
         .iter()
         .filter(|block| in_scope(block.section as usize))
@@ -546,15 +577,7 @@ pub async fn availability(
                 .map(|(label, seat): (&String, &SeatDoc)| (label.clone(), seat.status_at(now)))
         })
         .collect();
-    let view = Availability {
-        show_id: show.show_id.clone(),
-        total: counts.total,
-        available: counts.available,
-        held: counts.held,
-        booked: counts.booked,
-        sections,
-        seats,
-    };
+    let view = Availability::of(&show, only, &counts, &section_counts, seats);
     Ok(tagged(&headers, &view))
 }
 
@@ -688,7 +711,7 @@ fn view_of(booking: &BookingDoc) -> BookingView {
 
 /// The show document and the generation it was read from, waiting for a
 /// consistency token first; with the blocks holding the token's seats.
-async fn find_show(
+pub(crate) async fn find_show(
     reads: &Reads,
     id: &str,
     headers: &HeaderMap,

@@ -27,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
+use crate::live::{Live, LiveSettings};
 use crate::problem::QueryError;
 use crate::routes;
+use crate::seatmap::SeatMap;
 use crate::waits::Waits;
 
 /// Settings, from the command line or the environment.
@@ -68,6 +70,12 @@ pub struct Settings {
     /// How fast each user and address may call.
     #[command(flatten)]
     pub rates: service_kit::rate_limit::RateSettings,
+    /// How live availability streams behave.
+    #[command(flatten)]
+    pub live: LiveSettings,
+    /// Where browsers reach command-api: the seat map page books there.
+    #[arg(long, env = "COMMAND_API_URL", default_value = "http://127.0.0.1:8081")]
+    pub command_api_url: String,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "LOG_JSON", default_value_t = false)]
     pub log_json: bool,
@@ -313,16 +321,24 @@ fn generation_of(value: Option<&mongodb::bson::Bson>) -> Option<u32> {
 }
 
 /// The routes, for the server and for tests.
-pub fn router(reads: Reads, access: Access) -> Router {
+pub fn router(reads: Reads, live: Live, seat_map: SeatMap, access: Access) -> Router {
     let limit = reads.request_timeout();
     Router::new()
         .route("/shows", get(routes::list_shows))
         .route("/shows/{id}", get(routes::show))
         .route("/shows/{id}/availability", get(routes::availability))
+        .route(
+            "/shows/{id}/availability/stream",
+            get(crate::live::stream).with_state(live.clone()),
+        )
+        .route(
+            "/shows/{id}/seatmap",
+            get(crate::seatmap::page).with_state((reads.clone(), seat_map)),
+        )
         .route("/bookings/{id}", get(routes::booking))
         .route("/users/{id}/bookings", get(routes::user_bookings))
         .route("/healthz", get(|| async { StatusCode::OK }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz).with_state((reads.clone(), live)))
         .route(
             "/openapi.json",
             get(|| async { Json(routes::ApiDoc::openapi()) }),
@@ -344,12 +360,16 @@ pub fn router(reads: Reads, access: Access) -> Router {
 }
 
 /// `GET /readyz`: 200 while MongoDB answers, else 503.
-async fn readyz(State(reads): State<Reads>) -> Result<Json<serde_json::Value>, QueryError> {
+async fn readyz(
+    State((reads, live)): State<(Reads, Live)>,
+) -> Result<Json<serde_json::Value>, QueryError> {
     let generation = reads.refresh().await?;
     Ok(Json(serde_json::json!({
         "mongodb": "up",
         "generation": generation,
         "consistency_waiters": reads.waits.waiting(),
+        "live_subscribers": live.subscribers(),
+        "live_shows": live.feeds(),
     })))
 }
 
@@ -357,6 +377,8 @@ async fn readyz(State(reads): State<Reads>) -> Result<Json<serde_json::Value>, Q
 pub struct App {
     listener: TcpListener,
     reads: Reads,
+    live: Live,
+    seat_map: SeatMap,
     access: Access,
 }
 
@@ -411,11 +433,26 @@ impl App {
         let listener = TcpListener::bind(settings.addr)
             .await
             .with_context(|| format!("cannot listen on {}", settings.addr))?;
+        let live = Live::new(reads.clone(), settings.live);
+        let seat_map = SeatMap::new(&settings.command_api_url);
         Ok(Self {
             listener,
             reads,
+            live,
+            seat_map,
             access,
         })
+    }
+
+    /// Its routes, sharing its state: for tests that call it in process
+    /// (and so decide when an answer's body is read).
+    pub fn router(&self) -> Router {
+        router(
+            self.reads.clone(),
+            self.live.clone(),
+            self.seat_map.clone(),
+            self.access.clone(),
+        )
     }
 
     /// The bound address.
@@ -440,16 +477,39 @@ impl App {
                 }
             }
         });
+        // Live streams never end by themselves: they end first, so that the
+        // graceful shutdown does not wait for their clients.
+        let live = self.live.clone();
+        let closing = stop.clone();
+        let closer = tokio::spawn(async move {
+            closing.cancelled().await;
+            live.close();
+        });
         tracing::info!(addr = %self.addr()?, "query-api listening");
+        // A stream whose client stopped reading is not polled, so it cannot
+        // see the stop: once every request has had its longest time, the
+        // server stops without waiting for such connections.
+        let grace = self.reads.request_timeout();
+        let stopped = stop.clone();
         // The peer address keys the rate limit of requests without a token.
-        axum::serve(
+        let app = router(self.reads, self.live, self.seat_map, self.access);
+        let served = axum::serve(
             self.listener,
-            router(self.reads, self.access).into_make_service_with_connect_info::<SocketAddr>(),
+            app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .context("server failed")?;
+        .with_graceful_shutdown(stop.cancelled_owned());
+        tokio::select! {
+            served = served => served.context("server failed")?,
+            () = async {
+                stopped.cancelled().await;
+                tokio::time::sleep(grace).await;
+            } => tracing::warn!(
+                grace_ms = grace.as_millis(),
+                "connections still open after the grace period are cut"
+            ),
+        }
         refresher.abort();
+        closer.abort();
         Ok(())
     }
 }

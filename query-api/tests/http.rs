@@ -3,29 +3,16 @@
 //! document of the status its OpenAPI document lists, and nothing reaches
 //! the read models.
 
+mod common;
+
 use reqwest::StatusCode;
 use serde_json::Value;
 use ticketing_tests::http::Answer;
-use ticketing_tests::{mongodb_uri, unique_name};
+use ticketing_tests::unique_name;
 use tokio_util::sync::CancellationToken;
 
 async fn start() -> anyhow::Result<(String, CancellationToken)> {
-    let settings = query_api::startup::Settings {
-        mongodb_uri: mongodb_uri(),
-        mongodb_database: unique_name("query_http"),
-        addr: "127.0.0.1:0".parse()?,
-        startup_timeout_secs: 10,
-        mongodb_timeout_ms: 2_000,
-        consistency_wait_ms: 200,
-        consistency_max_waiters: 100,
-        consistency_key: domain::consistency::DEVELOPMENT_KEY.to_owned(),
-        auth: service_kit::auth::AuthSettings {
-            jwt_secret: Some(ticketing_tests::auth::SECRET.to_owned()),
-            ..service_kit::auth::AuthSettings::default()
-        },
-        rates: service_kit::rate_limit::RateSettings::off(),
-        log_json: false,
-    };
+    let settings = common::settings(unique_name("query_http"));
     let app = query_api::startup::App::build(settings).await?;
     let base = format!("http://{}", app.addr()?);
     let stop = CancellationToken::new();

@@ -13,11 +13,13 @@ use sqlx::{ConnectOptions, PgPool};
 use uuid::Uuid;
 
 pub mod auth;
+pub mod browser;
 pub mod cluster;
 pub mod http;
 pub mod kafka;
 pub mod log_order;
 pub mod openapi;
+pub mod sse;
 pub mod system;
 
 /// Postgres server of the tests (`TEST_DATABASE_URL`, then `DATABASE_URL`).

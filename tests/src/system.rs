@@ -163,6 +163,9 @@ impl System {
             ("PROJECTOR_ADDR", projector_addr.clone()),
             ("HOLD_SECS", settings.hold_secs.to_string()),
             ("SWEEP_EVERY_SECS", "1".to_owned()),
+            // The seat map page, served by query-api, books on command-api.
+            ("CORS_ALLOWED_ORIGINS", format!("http://{query_addr}")),
+            ("COMMAND_API_URL", format!("http://{command_addr}")),
             ("RELAY_STANDBY_POLL_MS", "300".to_owned()),
             ("REPLAY_GRACE_SECS", "1".to_owned()),
             ("RUST_LOG", "info".to_owned()),

@@ -85,6 +85,10 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
         .join("../target/e2e-logs")
         .join(&name);
     let [command_addr, query_addr, projector_addr] = free_addrs()?;
+    let (command_url, query_origin) = (
+        format!("http://{command_addr}"),
+        format!("http://{query_addr}"),
+    );
     let script = Script {
         env: [
             ("SERVICES_BIN", bin.display().to_string()),
@@ -107,6 +111,56 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
 
         let booked = curl(lines[0])?;
         ensure!(booked["status"] == "confirmed", "booking: {booked}");
+
+        // The printed seat map is a page, and command-api lets its origin
+        // book from the browser.
+        let seat_map = printed
+            .lines()
+            .map(str::trim)
+            .find(|l| l.ends_with("/seatmap"))
+            .context("no seat map line")?;
+        let page = reqwest::get(seat_map).await?;
+        ensure!(
+            page.status() == 200
+                && page.headers()["content-type"]
+                    .to_str()?
+                    .starts_with("text/html"),
+            "the seat map answered {}",
+            page.status()
+        );
+        let preflight = reqwest::Client::new()
+            .request(reqwest::Method::OPTIONS, format!("{command_url}/bookings"))
+            .header("Origin", &query_origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization,content-type,idempotency-key",
+            )
+            .send()
+            .await?;
+        ensure!(
+            preflight
+                .headers()
+                .get("access-control-allow-origin")
+                .and_then(|v| v.to_str().ok())
+                == Some(query_origin.as_str()),
+            "command-api does not let the seat map's origin book: {:?}",
+            preflight.headers()
+        );
+        let elsewhere = reqwest::Client::new()
+            .request(reqwest::Method::OPTIONS, format!("{command_url}/bookings"))
+            .header("Origin", "http://elsewhere.example")
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .await?;
+        ensure!(
+            elsewhere
+                .headers()
+                .get("access-control-allow-origin")
+                .is_none(),
+            "command-api lets any origin book: {:?}",
+            elsewhere.headers()
+        );
         // No token in a copied line: the query side catches up in milliseconds.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
