@@ -8,6 +8,7 @@
 //! as JSON, with the machine and the commit.
 
 mod report;
+mod watchers;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,7 +23,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use report::{Machine, Percentiles, Report};
+use report::{LiveReport, Machine, Percentiles, Report};
 use service_kit::auth::{AuthSettings, Role};
 
 /// An on-sale scenario.
@@ -72,6 +73,14 @@ struct Scenario {
     /// Each buyer makes exactly one attempt, all released at once: a race.
     #[arg(long, default_value_t = false)]
     once: bool,
+    /// Subscribers of the show's live availability stream during the run:
+    /// each must end with the seat map the GET answers.
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
+    /// query-api's process, whose memory per subscriber is reported
+    /// (default: the pid `make up` wrote in .data/services/).
+    #[arg(long)]
+    query_api_pid: Option<u32>,
     /// Write the report as JSON here too.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -110,6 +119,8 @@ struct Ledger {
     created: u64,
     conflicts: u64,
     freshness: Vec<Duration>,
+    /// Bookings that stayed booked: when their 201 was read, their seats.
+    kept: Vec<(Instant, Vec<String>, &'static str)>,
 }
 
 type Shared = Arc<Mutex<Ledger>>;
@@ -256,6 +267,11 @@ impl Buyers {
                 .await?;
             ensure!(status == StatusCode::OK, "cancel answered {status}: {body}");
             self.record(&id, &seats, "cancelled")?;
+        } else if !hold {
+            // Booked at once and kept: its change must reach every
+            // subscriber. (A hold confirmed or a booking cancelled within one
+            // poll of the stream may rightly never show its first state.)
+            lock(&self.ledger)?.kept.push((answered, seats, "booked"));
         }
         Ok(())
     }
@@ -416,6 +432,19 @@ async fn run(mut scenario: Scenario) -> anyhow::Result<Report> {
         .pool_max_idle_per_host(scenario.clients)
         .build()?;
     let (show, labels) = create_show(&scenario, &http).await?;
+    let mut live = None;
+    if scenario.watchers > 0 {
+        wait_for_show(&scenario, &http, &show).await?;
+        let pid = scenario.query_api_pid.or_else(|| {
+            std::fs::read_to_string(".data/services/query-api.pid")
+                .ok()
+                .and_then(|pid| pid.trim().parse().ok())
+        });
+        let before = pid.and_then(watchers::rss_kib);
+        let opened = watchers::Watchers::open(&scenario, &show, scenario.watchers).await?;
+        let after = pid.and_then(watchers::rss_kib);
+        live = Some((opened, before, after));
+    }
     let hot_count = ((labels.len() as f64 * scenario.hot_seats).ceil() as usize).min(labels.len());
     let (hot, cold) = labels.split_at(hot_count);
     let buyers = Arc::new(Buyers {
@@ -459,6 +488,32 @@ async fn run(mut scenario: Scenario) -> anyhow::Result<Report> {
     let (owned, oversold) = owned_seats(&ledger);
     let (mismatched, sold_on_read_side, caught_up) =
         check_read_side(&scenario, &http, &show, &owned).await?;
+    let live = match live {
+        None => None,
+        Some((opened, before, after)) => {
+            let maps_differing = check_watchers(&scenario, &http, &show, &opened).await?;
+            let (latencies, changes_missed) = watchers::latencies(&opened, &ledger.kept)?;
+            let reconnects = opened
+                .seen
+                .iter()
+                .filter_map(|s| s.lock().ok().map(|s| s.reconnects))
+                .sum();
+            let refused = opened.refused.load(Ordering::Relaxed);
+            opened.close().await;
+            Some(LiveReport {
+                subscribers: scenario.watchers,
+                change_latency_ms: Percentiles::of(&latencies),
+                changes_missed,
+                maps_differing,
+                reconnects,
+                refused,
+                query_rss_kib_before: before,
+                query_rss_kib_per_subscriber: before.zip(after).map(|(before, after)| {
+                    after.saturating_sub(before) as f64 / scenario.watchers as f64
+                }),
+            })
+        }
+    };
     let requests: u64 = ledger.latencies.values().map(|l| l.len() as u64).sum();
     let secs = elapsed.as_secs_f64();
     Ok(Report {
@@ -489,7 +544,53 @@ async fn run(mut scenario: Scenario) -> anyhow::Result<Report> {
         read_side_caught_up_ms: caught_up.as_secs_f64() * 1e3,
         freshness_ms: Percentiles::of(&ledger.freshness),
         http_floor_ms: Percentiles::of(&http_floor),
+        live,
     })
+}
+
+/// Waits until the query side has the show: a stream of a show it does
+/// not know yet is a 404.
+async fn wait_for_show(
+    scenario: &Scenario,
+    http: &reqwest::Client,
+    show: &str,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let url = format!("{}/shows/{show}", scenario.query_url);
+    while http.get(&url).send().await?.status() != StatusCode::OK {
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the show never reached the query side"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// How many subscribers' seat maps still differ from the GET once the read
+/// side has caught up, after giving their streams a while to deliver.
+async fn check_watchers(
+    scenario: &Scenario,
+    http: &reqwest::Client,
+    show: &str,
+    opened: &watchers::Watchers,
+) -> anyhow::Result<u64> {
+    let url = format!("{}/shows/{show}/availability", scenario.query_url);
+    let started = Instant::now();
+    loop {
+        // Read again each time: a hold may lapse meanwhile.
+        let body: Value = http.get(&url).send().await?.json().await?;
+        let seats: BTreeMap<String, String> = serde_json::from_value(body["seats"].clone())?;
+        let differing = opened
+            .seen
+            .iter()
+            .filter(|seen| seen.lock().map_or(true, |seen| seen.seats != seats))
+            .count() as u64;
+        if differing == 0 || started.elapsed() > Duration::from_secs(10) {
+            return Ok(differing);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The latencies of `clients` simultaneous `GET /healthz`, released
@@ -561,6 +662,14 @@ async fn main() -> anyhow::Result<()> {
         "OVERSOLD: {} seats were sold twice",
         report.oversold_seats
     );
+    if let Some(live) = &report.live {
+        ensure!(
+            live.maps_differing == 0 && live.changes_missed == 0,
+            "live subscribers fell out of step: {} seat maps differ from the GET, {} changes never arrived",
+            live.maps_differing,
+            live.changes_missed
+        );
+    }
     ensure!(
         report.read_side_mismatched_seats == 0,
         "the query side disagrees with the buyers on {} seats and stopped catching up for {} s",

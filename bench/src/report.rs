@@ -129,6 +129,28 @@ pub struct Report {
     /// there are clients, each on its own connection: HTTP and this
     /// machine's scheduling, with no booking work at all.
     pub http_floor_ms: Percentiles,
+    /// Live availability subscribers, when the run had them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveReport>,
+}
+
+/// What the subscribers of the show's live availability saw.
+#[derive(Debug, Serialize)]
+pub struct LiveReport {
+    pub subscribers: usize,
+    /// Time from a booking's 201 to its `change` at each subscriber.
+    pub change_latency_ms: Percentiles,
+    /// (booking, subscriber) pairs whose change never arrived.
+    pub changes_missed: u64,
+    /// Subscribers whose seat map differs from the GET at the end.
+    pub maps_differing: u64,
+    /// Streams reopened with `Last-Event-ID`, and openings refused.
+    pub reconnects: u64,
+    pub refused: u64,
+    /// query-api's resident memory before the subscribers, and what each
+    /// added (when its pid is known).
+    pub query_rss_kib_before: Option<u64>,
+    pub query_rss_kib_per_subscriber: Option<f64>,
 }
 
 impl Report {
@@ -181,6 +203,23 @@ impl Report {
             self.seats_sold, self.seats_held, self.oversold_seats, self.read_side_sold,
             self.read_side_mismatched_seats, self.read_side_caught_up_ms
         );
+        if let Some(live) = &self.live {
+            let l = &live.change_latency_ms;
+            let _ = writeln!(
+                out,
+                "  {} live subscribers: 201 -> change n={} p50 {:.1} ms  p95 {:.1} ms  p99 {:.1} ms  max {:.1} ms; missed {}; maps differing from the GET {}; reconnects {}, refused {}",
+                live.subscribers, l.count, l.p50, l.p95, l.p99, l.max, live.changes_missed,
+                live.maps_differing, live.reconnects, live.refused
+            );
+            if let (Some(before), Some(each)) =
+                (live.query_rss_kib_before, live.query_rss_kib_per_subscriber)
+            {
+                let _ = writeln!(
+                    out,
+                    "  query-api memory: {before} KiB before, {each:.1} KiB per subscriber"
+                );
+            }
+        }
         out
     }
 }
