@@ -440,8 +440,12 @@ async fn run(mut scenario: Scenario) -> anyhow::Result<Report> {
                 .ok()
                 .and_then(|pid| pid.trim().parse().ok())
         });
+        // The first subscriber starts the show's feed: the memory measured
+        // per subscriber is what the others add.
+        let mut opened = watchers::Watchers::new()?;
+        opened.add(&scenario, &show, 1).await?;
         let before = pid.and_then(watchers::rss_kib);
-        let opened = watchers::Watchers::open(&scenario, &show, scenario.watchers).await?;
+        opened.add(&scenario, &show, scenario.watchers - 1).await?;
         let after = pid.and_then(watchers::rss_kib);
         live = Some((opened, before, after));
     }
@@ -508,9 +512,12 @@ async fn run(mut scenario: Scenario) -> anyhow::Result<Report> {
                 reconnects,
                 refused,
                 query_rss_kib_before: before,
-                query_rss_kib_per_subscriber: before.zip(after).map(|(before, after)| {
-                    after.saturating_sub(before) as f64 / scenario.watchers as f64
-                }),
+                query_rss_kib_per_subscriber: before
+                    .zip(after)
+                    .filter(|_| scenario.watchers > 1)
+                    .map(|(before, after)| {
+                        after.saturating_sub(before) as f64 / (scenario.watchers - 1) as f64
+                    }),
             })
         }
     };

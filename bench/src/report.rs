@@ -147,8 +147,9 @@ pub struct LiveReport {
     /// Streams reopened with `Last-Event-ID`, and openings refused.
     pub reconnects: u64,
     pub refused: u64,
-    /// query-api's resident memory before the subscribers, and what each
-    /// added (when its pid is known).
+    /// query-api's resident memory with the first subscriber (which starts
+    /// the show's feed), and what each of the others added (when its pid
+    /// is known).
     pub query_rss_kib_before: Option<u64>,
     pub query_rss_kib_per_subscriber: Option<f64>,
 }
@@ -216,7 +217,7 @@ impl Report {
             {
                 let _ = writeln!(
                     out,
-                    "  query-api memory: {before} KiB before, {each:.1} KiB per subscriber"
+                    "  query-api memory: {before} KiB with one subscriber, {each:.1} KiB per subscriber more"
                 );
             }
         }

@@ -36,58 +36,60 @@ pub struct Watchers {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Stream openings refused, summed over all subscribers.
     pub refused: Arc<AtomicU64>,
+    http: reqwest::Client,
 }
 
 impl Watchers {
-    /// Opens `count` subscribers of `show` and waits until each has its
-    /// snapshot.
+    /// No subscriber yet.
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            seen: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            tasks: Vec::new(),
+            refused: Arc::new(AtomicU64::new(0)),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(0)
+                .build()?,
+        })
+    }
+
+    /// Opens `count` more subscribers of `show` and waits until each has
+    /// its snapshot.
     ///
     /// # Errors
     /// When they are not all ready within a minute.
-    pub async fn open(scenario: &Scenario, show: &str, count: usize) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(0)
-            .build()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let refused = Arc::new(AtomicU64::new(0));
+    pub async fn add(
+        &mut self,
+        scenario: &Scenario,
+        show: &str,
+        count: usize,
+    ) -> anyhow::Result<()> {
         let url = format!("{}/shows/{show}/availability/stream", scenario.query_url);
-        let mut seen = Vec::with_capacity(count);
-        let mut tasks = Vec::with_capacity(count);
         for _ in 0..count {
             let mine = Arc::new(Mutex::new(Seen::default()));
             // A token of its own: open reads without one share an address's
             // rate limit, and 1,000 watchers from one host would meet it.
             let token = scenario.token(Uuid::new_v4(), &[])?;
-            tasks.push(tokio::spawn(watch(
-                http.clone(),
+            self.tasks.push(tokio::spawn(watch(
+                self.http.clone(),
                 url.clone(),
                 token,
                 Arc::clone(&mine),
-                Arc::clone(&stop),
-                Arc::clone(&refused),
+                Arc::clone(&self.stop),
+                Arc::clone(&self.refused),
             )));
-            seen.push(mine);
+            self.seen.push(mine);
         }
-        let watchers = Self {
-            seen,
-            stop,
-            tasks,
-            refused,
-        };
         let started = Instant::now();
-        while !watchers
-            .seen
-            .iter()
-            .all(|s| s.lock().is_ok_and(|s| s.ready))
-        {
+        while !self.seen.iter().all(|s| s.lock().is_ok_and(|s| s.ready)) {
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(60),
                 "the subscribers did not all get a snapshot within a minute"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(watchers)
+        Ok(())
     }
 
     /// Ends every subscriber.
@@ -113,9 +115,6 @@ async fn watch(
     let mut first = true;
     while !stop.load(Ordering::Relaxed) {
         if !first {
-            if let Ok(mut seen) = seen.lock() {
-                seen.reconnects += 1;
-            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         first = false;
@@ -141,6 +140,10 @@ async fn watch(
                     last_id = Some(id);
                 }
             }
+        }
+        // The stream ended (dropped for lag, or cut): reopened.
+        if let Ok(mut seen) = seen.lock() {
+            seen.reconnects += 1;
         }
     }
 }
@@ -209,17 +212,21 @@ pub fn latencies(
             let mut latest = Duration::ZERO;
             let mut all = true;
             for seat in seats {
+                // The arrival that belongs to this 201: the first of this
+                // state after the seat last showed another one before the
+                // 201 (an earlier arrival of the same state belonged to an
+                // older booking of the seat, since released).
+                let released = seen
+                    .arrivals
+                    .range((seat.clone(), String::new())..)
+                    .take_while(|((label, _), _)| label == seat)
+                    .filter(|((_, other), _)| other != status)
+                    .flat_map(|(_, times)| times.iter().filter(|t| **t < *at))
+                    .max();
                 let arrival = seen
                     .arrivals
                     .get(&(seat.clone(), (*status).to_owned()))
-                    .and_then(|times| {
-                        // The arrival that belongs to this 201: the first
-                        // after a moment before it (the same state earlier
-                        // than that belonged to an older booking).
-                        times
-                            .iter()
-                            .find(|t| **t + Duration::from_millis(50) >= *at)
-                    });
+                    .and_then(|times| times.iter().find(|t| released.is_none_or(|r| *t > r)));
                 match arrival {
                     Some(t) => latest = latest.max(t.saturating_duration_since(*at)),
                     None => all = false,

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::problem::QueryError;
-use crate::routes::{find_show, Availability, Path, SectionCounts, SectionFilter};
+use crate::routes::{find_show, Availability, Path, SectionCounts};
 use crate::startup::Reads;
 
 /// How live streams behave.
@@ -85,8 +85,8 @@ pub struct LiveSettings {
         default_value_t = 1_000
     )]
     pub max_shows: usize,
-    /// Seconds between the comment lines that keep proxies from closing an
-    /// idle stream (1 to 15).
+    /// Seconds without an event after which a comment line keeps proxies
+    /// from closing the stream (1 to 15).
     #[arg(long = "live-heartbeat-secs", env = "LIVE_HEARTBEAT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=15))]
     pub heartbeat_secs: u64,
@@ -273,8 +273,8 @@ struct View {
     version: u64,
     /// When the last lapse shown was seen, in ms.
     lapsed_at: i64,
-    /// When the last reading that succeeded began, in ms.
-    read_at: i64,
+    /// The number of the last reading that succeeded (see `Feed::begun`).
+    read_through: u64,
     /// The latest changes, oldest first, and how many seats they hold.
     recent: VecDeque<Arc<Change>>,
     recent_seats: usize,
@@ -330,7 +330,7 @@ impl View {
                 if let Some(entry) = old.lapse_entry(label) {
                     self.lapses.remove(&entry);
                 }
-                let grown = u64::try_from(seat.sequence - old.sequence).unwrap_or(0);
+                let grown = seat.sequence.abs_diff(old.sequence);
                 self.version = self.version.saturating_add(grown);
                 self.count(old.section, old.shown, -1);
                 Some(old.shown)
@@ -401,7 +401,9 @@ impl View {
             .into_iter()
             .filter_map(|(label, (section, was))| {
                 let shown = self.seats.get(&label)?.shown;
-                (was != Some(shown)).then_some((label, section, shown))
+                // A seat first seen free (its block read late) is what a
+                // client assumes of a seat it has not been told about.
+                (was.unwrap_or(SeatStatus::Available) != shown).then_some((label, section, shown))
             })
             .collect();
         if seats.is_empty() {
@@ -458,6 +460,9 @@ struct Feed {
     /// The last snapshot built, by section asked for: clients that connect
     /// at once share one.
     snapshots: Mutex<Snapshots>,
+    /// Readings begun so far: a reading numbered above the count when a
+    /// client arrived read the read models after it arrived.
+    begun: AtomicU64,
 }
 
 /// The last snapshot built for each section asked for (`None`: the show).
@@ -490,7 +495,7 @@ impl Feed {
     /// than the tallies'.
     async fn poll(&self, reads: &Reads, keep: usize, every_block: bool) -> Result<(), QueryError> {
         let show = &self.show;
-        let began = Utc::now();
+        let reading = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
         let generation = reads.generation()?;
         let (known, writes) = {
             let view = self.read_view();
@@ -518,8 +523,10 @@ impl Feed {
         } else {
             self.blocks(reads, generation, every).await?
         };
-        let now = Utc::now();
         let mut view = self.write_view();
+        // After the lock: the lapse ticker may have shown lapses up to a
+        // time this reading must not be before.
+        let now = Utc::now();
         if view.generation != Some(generation) {
             view.writes.clear();
             if view.generation.is_none() {
@@ -528,7 +535,7 @@ impl Feed {
         }
         let first = view.generation.is_none();
         view.generation = Some(generation);
-        view.read_at = began.timestamp_millis();
+        view.read_through = view.read_through.max(reading);
         let mut before: BTreeMap<String, (u32, Option<SeatStatus>)> = BTreeMap::new();
         for block in &blocks {
             let written = view.writes.entry(block.block_id.clone()).or_insert(0);
@@ -743,6 +750,7 @@ impl Live {
             view: RwLock::default(),
             sender,
             snapshots: Mutex::default(),
+            begun: AtomicU64::new(0),
         });
         feeds.insert(show.show_id.clone(), Arc::clone(&feed));
         tokio::spawn(self.clone().run(Arc::clone(&feed)));
@@ -813,10 +821,10 @@ impl Live {
         only: Option<u32>,
         resume: Option<StreamId>,
     ) -> Result<Opened, QueryError> {
-        let arrived = Utc::now().timestamp_millis();
         // Held while waiting, so that the feed stays; replaced by an exact
         // one below.
         let (feed, waiting) = self.feed(show)?;
+        let arrived = feed.begun.load(Ordering::SeqCst);
         let ours = resume.filter(|id| id.feed == feed.epoch).map(|id| id.at);
         let deadline = Instant::now() + self.inner.reads.consistency_wait;
         // Until the feed has read the show and, for a client shown another
@@ -830,7 +838,7 @@ impl Live {
                 view.generation.is_some()
                     && (ours.is_some()
                         || resume.is_none_or(|id| {
-                            view.read_at >= arrived && view.version >= id.at.version
+                            view.read_through > arrived && view.version >= id.at.version
                         }))
             };
             if ready {
@@ -875,9 +883,25 @@ impl Live {
     }
 }
 
-/// The `Last-Event-ID` a reconnecting client sent, when it is one of ours.
-fn resume_from(headers: &HeaderMap) -> Option<StreamId> {
-    headers.get("last-event-id")?.to_str().ok()?.parse().ok()
+/// `?section=&last_event_id=` of a stream.
+#[derive(Debug, Deserialize)]
+pub struct StreamQuery {
+    /// Narrow the stream to this section.
+    pub section: Option<String>,
+    /// Where to resume when the `Last-Event-ID` header cannot be sent: a
+    /// browser's new `EventSource` after its old one gave up.
+    pub last_event_id: Option<String>,
+}
+
+/// The id a reconnecting client sent (the header first), when it is one
+/// of ours.
+fn resume_from(headers: &HeaderMap, query: &StreamQuery) -> Option<StreamId> {
+    headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .or(query.last_event_id.as_deref())?
+        .parse()
+        .ok()
 }
 
 /// `GET /shows/{id}/availability/stream`.
@@ -888,12 +912,12 @@ fn resume_from(headers: &HeaderMap) -> Option<StreamId> {
 pub async fn stream(
     State(live): State<Live>,
     Path(id): Path<String>,
-    filter: Result<Query<SectionFilter>, QueryRejection>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, QueryError> {
-    let Query(filter) = filter?;
+    let Query(query) = query?;
     let (_, show, _) = find_show(&live.inner.reads, &id, &headers).await?;
-    let only = match &filter.section {
+    let only = match &query.section {
         Some(name) => Some(
             show.section_index(name)
                 .ok_or(QueryError::NotFound("section"))?,
@@ -911,7 +935,9 @@ pub async fn stream(
         feed,
         start,
         receiver,
-    } = live.subscribe(&show, only, resume_from(&headers)).await?;
+    } = live
+        .subscribe(&show, only, resume_from(&headers, &query))
+        .await?;
     // A client reconnects after a second rather than the browser's default.
     let retry = Duration::from_secs(1);
     let first: Vec<Event> = match start {

@@ -216,6 +216,13 @@ async fn check_page(
     // A seat picked here and sold elsewhere meanwhile: shown taken, and
     // no longer picked.
     browser.click("[data-label=\"B9\"]").await?;
+    let picked = browser
+        .run(
+            "return document.getElementById('picked').textContent",
+            json!([]),
+        )
+        .await?;
+    ensure!(picked == "1", "B9 was not picked: {picked}");
     book(system, show, &["B9"], false).await?;
     wait_for_seat(browser, "B9", "booked").await?;
     let picked = browser
