@@ -32,6 +32,10 @@ struct Options {
     /// Pause between two writes, in ms.
     #[arg(long, default_value_t = 50)]
     interval_ms: u64,
+    /// Rows of 100 seats in the show's one section (1,000 for a stadium of
+    /// 100,000 seats).
+    #[arg(long, default_value_t = 20)]
+    rows: u32,
     /// MongoDB.
     #[arg(long, env = "MONGODB_URI", default_value = "mongodb://127.0.0.1:27017")]
     mongodb_uri: String,
@@ -43,21 +47,23 @@ type Arrivals = Arc<Mutex<Vec<BTreeMap<String, Instant>>>>;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse();
+    let seats = options.rows * 100;
     ensure!(
-        options.changes <= 2000,
-        "at most 2,000 changes (the show's seats)"
+        options.changes <= seats as usize,
+        "at most one change per seat"
     );
     let database = format!("bench_live_{}", uuid::Uuid::new_v4().simple());
     let mongodb = mongodb::Client::with_uri_str(&options.mongodb_uri).await?;
     let db = mongodb.database(&database);
     let show_id = uuid::Uuid::new_v4().to_string();
-    let rows: Vec<_> = (0..20)
-        .map(|r| json!({"row": format!("R{}", char::from(b'A' + r)), "seats": 100}))
+    let rows: Vec<_> = (0..options.rows)
+        .map(|r| json!({"row": row_name(r), "seats": 100}))
         .collect();
     let show: ShowDoc = serde_json::from_value(json!({
         "_id": show_id, "name": "Bench", "venue": "Hall", "starts_at": "2027-01-01T19:00:00Z",
         "starts_order": 0,
-        "sections": [{"name": "Floor", "price_cents": 100, "rows": rows, "total": 2000, "blocks": 8}]
+        "sections": [{"name": "Floor", "price_cents": 100, "rows": rows, "total": seats,
+                      "blocks": seats.div_ceil(read_model::BLOCK_SEATS)}]
     }))?;
     let blocks = db.collection::<BlockDoc>(&read_model::collection_name(1, BLOCKS));
     let tallies = db.collection::<BlockDoc>(&read_model::collection_name(1, TALLIES));
@@ -141,10 +147,12 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     let count = u32::try_from(options.subscribers)?;
-    tokio::time::timeout(Duration::from_secs(120), ready.acquire_many(count))
+    let opening = Instant::now();
+    tokio::time::timeout(Duration::from_secs(300), ready.acquire_many(count))
         .await
         .context("the subscribers did not all get a snapshot")??
         .forget();
+    let opened = opening.elapsed();
 
     // The baseline: the bare driver reading the block being written.
     let probe_blocks = mongodb::Client::with_uri_str(&options.mongodb_uri)
@@ -226,8 +234,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{} subscribers, {} writes {} ms apart:",
-        options.subscribers, options.changes, options.interval_ms
+        "{} subscribers of a {seats}-seat show, all with a snapshot in {:.0} ms; {} writes {} ms apart:",
+        options.subscribers,
+        opened.as_secs_f64() * 1e3,
+        options.changes,
+        options.interval_ms
     );
     println!(
         "  write -> change at a subscriber: {} ({} never arrived)",
@@ -245,6 +256,20 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.await;
     mongodb.database(&database).drop().await?;
     Ok(())
+}
+
+/// Row names A, B, ... Z, AA, AB, ...
+fn row_name(mut index: u32) -> String {
+    let mut name = Vec::new();
+    loop {
+        name.push(b'A' + u8::try_from(index % 26).unwrap_or(0));
+        if index < 26 {
+            break;
+        }
+        index = index / 26 - 1;
+    }
+    name.reverse();
+    String::from_utf8(name).unwrap_or_default()
 }
 
 fn percentiles(samples: &mut [Duration]) -> String {
