@@ -67,13 +67,14 @@ pub fn cors(origins: &[String]) -> anyhow::Result<CorsLayer> {
         .expose_headers([
             header::LOCATION,
             HeaderName::from_static("x-consistency-token"),
+            service_kit::http::REQUEST_ID,
         ])
         .max_age(Duration::from_secs(600)))
 }
 
 /// The HTTP routes, for the server and for tests.
 pub fn router(sales: Sales, relay: RelayStatus, access: Access, cors: CorsLayer) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/shows", post(routes::create_show))
         .route("/bookings", post(routes::place_booking))
         .route("/bookings/{id}/confirm", post(routes::confirm_booking))
@@ -95,9 +96,10 @@ pub fn router(sales: Sales, relay: RelayStatus, access: Access, cors: CorsLayer)
         .layer(middleware::from_fn(|request, next| {
             service_kit::http::within(REQUEST_TIME_LIMIT, request, next)
         }))
-        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span))
-        // Outermost: a browser's preflight is answered before the guard,
-        // which would refuse it for carrying no token.
+        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span));
+    // CORS outermost: a browser's preflight is answered before the guard,
+    // which would refuse it for carrying no token.
+    service_kit::http::with_request_ids(router)
         .layer(cors)
         .with_state(sales)
 }

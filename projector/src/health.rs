@@ -17,7 +17,7 @@ struct Health {
 
 /// The routes.
 pub fn router(store: ReadStore, status: Status) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(|| async { StatusCode::OK }))
         .route("/readyz", get(readyz))
         .fallback(service_kit::problem::no_such_route)
@@ -26,7 +26,8 @@ pub fn router(store: ReadStore, status: Status) -> Router {
             tower_http::trace::TraceLayer::new_for_http()
                 .make_span_with(service_kit::http::request_span),
         )
-        .with_state(Health { store, status })
+        .with_state(Health { store, status });
+    service_kit::http::with_request_ids(router)
 }
 
 /// 200 while MongoDB answers, 503 otherwise; the body shows the

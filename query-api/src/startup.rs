@@ -323,7 +323,7 @@ fn generation_of(value: Option<&mongodb::bson::Bson>) -> Option<u32> {
 /// The routes, for the server and for tests.
 pub fn router(reads: Reads, live: Live, seat_map: SeatMap, access: Access) -> Router {
     let limit = reads.request_timeout();
-    Router::new()
+    let router = Router::new()
         .route("/shows", get(routes::list_shows))
         .route("/shows/{id}", get(routes::show))
         .route("/shows/{id}/availability", get(routes::availability))
@@ -355,8 +355,8 @@ pub fn router(reads: Reads, live: Live, seat_map: SeatMap, access: Access) -> Ro
         .layer(middleware::from_fn(move |request, next| {
             service_kit::http::within(limit, request, next)
         }))
-        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span))
-        .with_state(reads)
+        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span));
+    service_kit::http::with_request_ids(router).with_state(reads)
 }
 
 /// `GET /readyz`: 200 while MongoDB answers, else 503.

@@ -145,3 +145,54 @@ async fn every_refusal_is_a_problem_its_document_lists() -> anyhow::Result<()> {
     stop.cancel();
     Ok(())
 }
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id() -> anyhow::Result<()> {
+    let (base, stop) = start().await?;
+    let http = reqwest::Client::new();
+    let id_of = |answer: &reqwest::Response| {
+        answer
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // None sent: a new one, on an answer and on a refusal alike.
+    for path in ["/healthz", "/shows/not-a-show", "/no/such/path"] {
+        let answer = http.get(format!("{base}{path}")).send().await?;
+        let id = id_of(&answer).ok_or_else(|| anyhow::anyhow!("{path}: no X-Request-Id"))?;
+        anyhow::ensure!(
+            uuid::Uuid::parse_str(&id).is_ok(),
+            "{path}: {id} is not a UUID"
+        );
+    }
+    // The client's own, when it is usable.
+    let answer = http
+        .get(format!("{base}/healthz"))
+        .header("X-Request-Id", "checkout-42.a:b_c")
+        .send()
+        .await?;
+    anyhow::ensure!(
+        id_of(&answer).as_deref() == Some("checkout-42.a:b_c"),
+        "not echoed"
+    );
+    // Too long, or with characters a log line should not hold: replaced.
+    for unusable in [
+        "x".repeat(129),
+        "two words".to_owned(),
+        "semi;colon".to_owned(),
+    ] {
+        let answer = http
+            .get(format!("{base}/healthz"))
+            .header("X-Request-Id", &unusable)
+            .send()
+            .await?;
+        let id = id_of(&answer).unwrap_or_default();
+        anyhow::ensure!(
+            uuid::Uuid::parse_str(&id).is_ok(),
+            "{unusable:?} was kept as {id:?}"
+        );
+    }
+    stop.cancel();
+    Ok(())
+}

@@ -1,8 +1,47 @@
 //! What the HTTP services log of each request, alike in both.
 
 use axum::extract::MatchedPath;
-use axum::http::Request;
+use axum::http::{HeaderName, Request};
+use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Span;
+
+/// The header that names a request in the logs, and in its answer.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest request id a client may choose; a longer one (or one with
+/// characters outside `A-Za-z0-9._:-`) is replaced by a new one.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Gives every request an `X-Request-Id`, the client's own when it sent a
+/// usable one and a new UUID otherwise, and every answer the same header.
+/// Layered outside the request span, which records it.
+pub fn with_request_ids<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(axum::middleware::from_fn(drop_unusable_request_id))
+}
+
+/// Removes a client's request id that is too long or holds characters no
+/// log line should, so that a new one is made.
+async fn drop_unusable_request_id(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let usable = request.headers().get(&REQUEST_ID).is_none_or(|id| {
+        id.len() <= MAX_REQUEST_ID
+            && !id.is_empty()
+            && id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(b))
+    });
+    if !usable {
+        request.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(request).await
+}
 
 /// The span of one request: method and matched route (`/bookings/{id}`,
 /// never the raw path, so that requests of one route group together), with
@@ -17,6 +56,11 @@ pub fn request_span<B>(request: &Request<B>) -> Span {
         method = %request.method(),
         route,
         path = request.uri().path(),
+        request_id = request
+            .headers()
+            .get(&REQUEST_ID)
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or_default(),
         // Filled in by the auth guard once the token is verified.
         user_id = tracing::field::Empty,
     )

@@ -85,6 +85,7 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
         .join("../target/e2e-logs")
         .join(&name);
     let [command_addr, query_addr, projector_addr] = free_addrs()?;
+    let projector_url = format!("http://{projector_addr}");
     let (command_url, query_origin) = (
         format!("http://{command_addr}"),
         format!("http://{query_addr}"),
@@ -111,6 +112,15 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
 
         let booked = curl(lines[0])?;
         ensure!(booked["status"] == "confirmed", "booking: {booked}");
+
+        // Every service names each answer's request.
+        for base in [&command_url, &query_origin, &projector_url] {
+            let answer = reqwest::get(format!("{base}/healthz")).await?;
+            ensure!(
+                answer.headers().contains_key("x-request-id"),
+                "{base}/healthz answered without X-Request-Id"
+            );
+        }
 
         // The printed seat map is a page, and command-api lets its origin
         // book from the browser.
