@@ -199,6 +199,37 @@ impl System {
         Ok(system)
     }
 
+    /// Books (or holds, with `hold`) `seats` of `show` for a new buyer of
+    /// its own, through command-api; fails unless the answer is a 201.
+    ///
+    /// # Errors
+    /// Any other answer, or command-api unreachable.
+    pub async fn book(
+        &self,
+        show: &str,
+        seats: &[&str],
+        hold: bool,
+    ) -> anyhow::Result<crate::http::Answer> {
+        let answer = crate::http::Answer::of(
+            self.http
+                .post(format!("{}/bookings", self.command_url))
+                .json(
+                    &serde_json::json!({"show_id": show, "user_id": uuid::Uuid::new_v4(),
+                                          "seats": seats, "hold": hold}),
+                )
+                .send()
+                .await?,
+        )
+        .await?;
+        ensure!(
+            answer.status == reqwest::StatusCode::CREATED,
+            "booking {seats:?}: {} {}",
+            answer.status,
+            answer.body
+        );
+        Ok(answer)
+    }
+
     fn base_url(&self, service: Service) -> &str {
         match service {
             Service::CommandApi => &self.command_url,

@@ -63,25 +63,6 @@ async fn create_show(
     Ok(show)
 }
 
-async fn book(system: &System, show: &str, seats: &[&str], hold: bool) -> anyhow::Result<Answer> {
-    let answer = Answer::of(
-        system
-            .http
-            .post(format!("{}/bookings", system.command_url))
-            .json(&json!({"show_id": show, "user_id": uuid::Uuid::new_v4(), "seats": seats, "hold": hold}))
-            .send()
-            .await?,
-    )
-    .await?;
-    ensure!(
-        answer.status == StatusCode::CREATED,
-        "booking {seats:?}: {} {}",
-        answer.status,
-        answer.body
-    );
-    Ok(answer)
-}
-
 async fn get(system: &System, path: &str) -> anyhow::Result<Answer> {
     Answer::of(
         system
@@ -216,7 +197,7 @@ async fn every_subscriber_gets_each_change_once_the_reads_have_it() -> anyhow::R
         "Floor only"
     );
 
-    book(&system, &show, &["A1", "A2"], false).await?;
+    system.book(&show, &["A1", "A2"], false).await?;
     for (stream, map) in &mut whole {
         let events = read_until(stream, map, "A1 and A2 booked", |m| {
             is(m, "A1", "booked") && is(m, "A2", "booked")
@@ -254,7 +235,7 @@ async fn every_subscriber_gets_each_change_once_the_reads_have_it() -> anyhow::R
         );
     }
     // The Floor subscriber hears nothing of VIP, then its own seats.
-    book(&system, &show, &["B5"], true).await?;
+    system.book(&show, &["B5"], true).await?;
     let events = read_until(&mut floor, &mut floor_map, "B5 held", |m| {
         is(m, "B5", "held")
     })
@@ -304,15 +285,15 @@ async fn a_client_that_resumes_misses_nothing() -> anyhow::Result<()> {
     let mut stream = EventStream::must_open(&streams(), &url, None).await?;
     let mut map = SeatMap::default();
     map.apply(&stream.must_next(WAIT).await?)?;
-    book(&system, &show, &["A1"], false).await?;
+    system.book(&show, &["A1"], false).await?;
     read_until(&mut stream, &mut map, "A1", |m| is(m, "A1", "booked")).await?;
     let last = map.last_id.clone().context("no id")?;
     drop(stream);
 
     // Missed while away: bookings, a hold, a cancel.
-    book(&system, &show, &["A2", "A3"], false).await?;
-    let held = book(&system, &show, &["B1"], true).await?;
-    book(&system, &show, &["B2"], false).await?;
+    system.book(&show, &["A2", "A3"], false).await?;
+    let held = system.book(&show, &["B1"], true).await?;
+    system.book(&show, &["B2"], false).await?;
     let id = held.body["booking_id"].as_str().context("no booking_id")?;
     let cancelled = system
         .http
@@ -411,7 +392,7 @@ async fn ids_grow_and_a_quiet_stream_gets_heartbeats() -> anyhow::Result<()> {
     let mut ids = vec![snapshot.id.clone().context("no id")?];
     for n in 1..=6 {
         let seat = format!("A{n}");
-        book(&system, &show, &[&seat], n % 2 == 0).await?;
+        system.book(&show, &[&seat], n % 2 == 0).await?;
         for event in
             read_until(&mut stream, &mut map, &seat, |m| !is(m, &seat, "available")).await?
         {
@@ -464,7 +445,7 @@ async fn a_lapsed_hold_shows_available_within_a_second() -> anyhow::Result<()> {
     let mut stream = EventStream::must_open(&streams(), &url, None).await?;
     let mut map = SeatMap::default();
     map.apply(&stream.must_next(WAIT).await?)?;
-    let held = book(&system, &show, &["A4", "A5"], true).await?;
+    let held = system.book(&show, &["A4", "A5"], true).await?;
     let expires_at = held.body["expires_at"].as_str().context("no expires_at")?;
     let expires_at = chrono::DateTime::parse_from_rfc3339(expires_at)?.with_timezone(&chrono::Utc);
     read_until(&mut stream, &mut map, "A4 held", |m| is(m, "A4", "held")).await?;

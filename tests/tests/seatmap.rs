@@ -47,25 +47,6 @@ async fn wait_for_seat(browser: &Browser, label: &str, status: &str) -> anyhow::
     colour.as_str().map(str::to_owned).context("no colour")
 }
 
-/// Books (or holds) `seats` for a buyer of their own through the API.
-async fn book(system: &System, show: &str, seats: &[&str], hold: bool) -> anyhow::Result<()> {
-    let answer = Answer::of(
-        system
-            .http
-            .post(format!("{}/bookings", system.command_url))
-            .json(&json!({"show_id": show, "user_id": uuid::Uuid::new_v4(), "seats": seats, "hold": hold}))
-            .send()
-            .await?,
-    )
-    .await?;
-    ensure!(
-        answer.status == StatusCode::CREATED,
-        "booking {seats:?}: {}",
-        answer.body
-    );
-    Ok(())
-}
-
 #[tokio::test]
 async fn the_seat_map_follows_bookings_and_books_a_clicked_seat() -> anyhow::Result<()> {
     let system = System::start(SystemSettings::default()).await?;
@@ -150,10 +131,10 @@ async fn check_page(
         .await?;
 
     // Booked through the API: the seat turns without a reload.
-    book(system, show, &["A2", "A3"], false).await?;
+    system.book(show, &["A2", "A3"], false).await?;
     let colour = wait_for_seat(browser, "A2", "booked").await?;
     ensure!(colour != free, "A2 kept its colour {colour} once booked");
-    book(system, show, &["C1"], true).await?;
+    system.book(show, &["C1"], true).await?;
     let held_colour = wait_for_seat(browser, "C1", "held").await?;
     ensure!(
         held_colour != free && held_colour != colour,
@@ -223,7 +204,7 @@ async fn check_page(
         )
         .await?;
     ensure!(picked == "1", "B9 was not picked: {picked}");
-    book(system, show, &["B9"], false).await?;
+    system.book(show, &["B9"], false).await?;
     wait_for_seat(browser, "B9", "booked").await?;
     let picked = browser
         .run(
