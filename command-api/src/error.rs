@@ -116,10 +116,14 @@ impl ApiError {
         }
     }
 
-    /// The problem document, as a reply that can also be stored and replayed.
-    pub fn to_reply(&self) -> Reply {
-        let status = self.status();
-        let (kind, title) = match self {
+    /// The problem's type: the last part of its `type` URI, and the
+    /// outcome `bookings_total` counts a refused booking under.
+    pub fn kind(&self) -> &'static str {
+        self.kind_and_title().0
+    }
+
+    fn kind_and_title(&self) -> (&'static str, &'static str) {
+        match self {
             Self::Body(_) => ("bad-body", "The request body is not valid"),
             Self::Invalid { .. } => ("invalid-request", "The request breaks a rule"),
             Self::NotFound(_) => ("not-found", "Not found"),
@@ -132,7 +136,13 @@ impl ApiError {
             Self::InProgress => ("in-progress", "Request in progress"),
             Self::StoreUnavailable(_) => ("unavailable", "Service unavailable"),
             Self::Internal(_) => ("internal", "Internal server error"),
-        };
+        }
+    }
+
+    /// The problem document, as a reply that can also be stored and replayed.
+    pub fn to_reply(&self) -> Reply {
+        let status = self.status();
+        let (kind, title) = self.kind_and_title();
         let detail = match self {
             // Never show internals to the client: the log has the cause chain.
             Self::Internal(_) => "an unexpected error occurred".to_owned(),

@@ -12,6 +12,8 @@ use domain::{Booking, BookingEvent, BookingId, Changes, Seat, SeatLabel, Show, S
 use serde::de::DeserializeOwned;
 use sqlx::{PgConnection, PgPool, Row};
 
+use crate::cause::Cause;
+
 /// A stream's state and the sequence of its last event (0: no stream yet).
 #[derive(Debug, Clone, Default)]
 pub struct Loaded<A> {
@@ -60,6 +62,20 @@ pub enum LogError {
         /// Why.
         #[source]
         source: serde_json::Error,
+    },
+    /// A stored event's version cannot be brought to the current shape
+    /// (written by a later release, say).
+    #[error("stored {aggregate_type} event {aggregate_id}#{sequence} cannot be read")]
+    Version {
+        /// Its aggregate type.
+        aggregate_type: String,
+        /// Its stream.
+        aggregate_id: String,
+        /// Its sequence.
+        sequence: i64,
+        /// Why.
+        #[source]
+        source: domain::versions::VersionError,
     },
 }
 
@@ -148,7 +164,7 @@ pub async fn lock_and_load(
         LockWait::Upto(wait) => i32::try_from(wait.as_millis()).unwrap_or(i32::MAX).max(1),
     };
     let row = sqlx::query(
-        "SELECT locked, aggregate_types, aggregate_ids, sequences, payloads
+        "SELECT locked, aggregate_types, aggregate_ids, sequences, event_versions, payloads
            FROM lock_and_load($1, $2, $3, $4)",
     )
     .bind(&keys)
@@ -165,17 +181,28 @@ pub async fn lock_and_load(
     let types: Vec<String> = row.try_get("aggregate_types")?;
     let ids: Vec<String> = row.try_get("aggregate_ids")?;
     let sequences: Vec<i64> = row.try_get("sequences")?;
+    let versions: Vec<String> = row.try_get("event_versions")?;
     let payloads: Vec<String> = row.try_get("payloads")?;
-    for (((aggregate_type, aggregate_id), sequence), payload) in
-        types.into_iter().zip(ids).zip(sequences).zip(payloads)
+    for ((((aggregate_type, aggregate_id), sequence), version), payload) in types
+        .into_iter()
+        .zip(ids)
+        .zip(sequences)
+        .zip(versions)
+        .zip(payloads)
     {
+        let stored = (
+            aggregate_id.as_str(),
+            sequence,
+            version.as_str(),
+            payload.as_str(),
+        );
         if aggregate_type == Seat::TYPE {
             let id: domain::SeatId = parse_id(&aggregate_type, &aggregate_id)?;
-            let event = decode(&aggregate_type, &aggregate_id, sequence, &payload)?;
+            let event = decode_text(&aggregate_type, stored)?;
             fold(streams.seats.entry(id.label).or_default(), event, sequence);
         } else {
             let id: BookingId = parse_id(&aggregate_type, &aggregate_id)?;
-            let event = decode(&aggregate_type, &aggregate_id, sequence, &payload)?;
+            let event = decode_text(&aggregate_type, stored)?;
             fold(streams.bookings.entry(id).or_default(), event, sequence);
         }
     }
@@ -197,18 +224,50 @@ fn parse_id<K: FromStr>(aggregate_type: &str, aggregate_id: &str) -> Result<K, L
     })
 }
 
+/// A stored event in the current shape of its type (see
+/// [`domain::versions`]).
 fn decode<E: DeserializeOwned>(
     aggregate_type: &str,
     aggregate_id: &str,
     sequence: i64,
-    payload: &str,
+    event_version: &str,
+    payload: serde_json::Value,
 ) -> Result<E, LogError> {
-    serde_json::from_str(payload).map_err(|source| LogError::Corrupt {
+    let corrupt = |source| LogError::Corrupt {
         aggregate_type: aggregate_type.to_owned(),
         aggregate_id: aggregate_id.to_owned(),
         sequence,
         source,
-    })
+    };
+    let payload =
+        domain::versions::upcast(event_version, payload).map_err(|source| LogError::Version {
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            sequence,
+            source,
+        })?;
+    serde_json::from_value(payload).map_err(corrupt)
+}
+
+/// [`decode`] of a row of `lock_and_load`: stream id, sequence, version
+/// and payload as text.
+fn decode_text<E: DeserializeOwned>(
+    aggregate_type: &str,
+    (aggregate_id, sequence, event_version, payload): (&str, i64, &str, &str),
+) -> Result<E, LogError> {
+    let payload = serde_json::from_str(payload).map_err(|source| LogError::Corrupt {
+        aggregate_type: aggregate_type.to_owned(),
+        aggregate_id: aggregate_id.to_owned(),
+        sequence,
+        source,
+    })?;
+    decode(
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        event_version,
+        payload,
+    )
 }
 
 fn fold<A: Aggregate>(stream: &mut Loaded<A>, event: A::Event, sequence: i64) {
@@ -351,7 +410,7 @@ where
     let id_texts: Vec<String> = ids.iter().map(ToString::to_string).collect();
     let by_text: BTreeMap<&str, &K> = id_texts.iter().map(String::as_str).zip(ids).collect();
     let rows = sqlx::query(
-        "SELECT aggregate_id, sequence, payload FROM events
+        "SELECT aggregate_id, sequence, event_version, payload FROM events
           WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
           ORDER BY aggregate_id, sequence",
     )
@@ -363,14 +422,9 @@ where
     for row in rows {
         let aggregate_id: String = row.try_get("aggregate_id")?;
         let sequence: i64 = row.try_get("sequence")?;
+        let version: String = row.try_get("event_version")?;
         let payload: serde_json::Value = row.try_get("payload")?;
-        let event: A::Event =
-            serde_json::from_value(payload).map_err(|source| LogError::Corrupt {
-                aggregate_type: A::TYPE.to_owned(),
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                source,
-            })?;
+        let event: A::Event = decode(A::TYPE, &aggregate_id, sequence, &version, payload)?;
         if let Some(&key) = by_text.get(aggregate_id.as_str()) {
             let stream = streams.entry(key.clone()).or_default();
             stream.state.apply(event);
@@ -477,6 +531,24 @@ pub struct Append {
     pub shows: BTreeMap<ShowId, Vec<domain::ShowEvent>>,
     /// First answers to idempotency keys, kept with the events.
     pub answers: Vec<crate::idempotency::Stored>,
+    /// The cause of each stream's events where it is not the current
+    /// task's ([`Cause::current`]): group commit appends the streams of
+    /// many requests, each with its own. By stream id.
+    pub causes: BTreeMap<String, Cause>,
+}
+
+impl Append {
+    /// Records `cause` as the cause of every stream of `changes`.
+    pub fn caused_by(&mut self, changes: &Changes, cause: &Cause) {
+        let streams = changes
+            .bookings
+            .keys()
+            .map(ToString::to_string)
+            .chain(changes.seats.keys().map(ToString::to_string));
+        for stream in streams {
+            self.causes.insert(stream, cause.clone());
+        }
+    }
 }
 
 /// Appends every event of one command in one statement, each stream at the
@@ -520,6 +592,15 @@ pub async fn append(
         return Ok(0);
     }
     let column = |f: fn(&NewEvent) -> String| rows.iter().map(f).collect::<Vec<String>>();
+    let current = Cause::current();
+    let metadata = rows
+        .iter()
+        .map(|r| {
+            let cause = append.causes.get(&r.aggregate_id).unwrap_or(&current);
+            serde_json::to_string(&cause.metadata())
+        })
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(encode)?;
     let holds = Holds::of(&append.changes.bookings);
     let seats = TakenSeats::of(&append.changes.seats);
     let answers = &append.answers;
@@ -528,9 +609,10 @@ pub async fn append(
     let position: Option<i64> = sqlx::query_scalar(
         "WITH appended AS (
            INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-           SELECT t, id, seq, et, ev, p::json, '{}'::json
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
-                  AS u(t, id, seq, et, ev, p)
+           SELECT t, id, seq, et, ev, p::json, m::json
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                         $32::text[])
+                  AS u(t, id, seq, et, ev, p, m)
            RETURNING global_position),
          held AS (
            INSERT INTO pending_holds (booking_id, show_id, expires_at)
@@ -594,6 +676,7 @@ pub async fn append(
     .bind(&seats.freed.shows)
     .bind(&seats.freed.rows)
     .bind(&seats.freed.numbers)
+    .bind(&metadata)
     .fetch_one(&mut *conn)
     .await
     .map_err(conflict_or)?;

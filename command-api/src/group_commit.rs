@@ -62,6 +62,9 @@ pub struct Placement {
     /// pick again, so it is handed back as `Err(Unavailable)` and not kept
     /// for the key.
     pub picked: bool,
+    /// The request it comes from, for its events' metadata: the group
+    /// appends on another request's task.
+    pub cause: crate::cause::Cause,
 }
 
 /// A refusal decided before any lock (from a snapshot, or while waiting),
@@ -421,6 +424,7 @@ async fn decide_and_commit(pool: &PgPool, group: &[&Command]) -> anyhow::Result<
                 match (placement.reply)(&decided) {
                     Ok(reply) => {
                         sales::add_versions(&mut versions, order.show_id, &own, &none);
+                        append.caused_by(&changes, &placement.cause);
                         append.changes.bookings.extend(changes.bookings);
                         append.changes.seats.extend(changes.seats);
                         reply

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod best_available;
+pub mod cause;
 pub mod error;
 pub mod event_log;
 pub mod gate;

@@ -125,6 +125,15 @@ pub struct RelayReport {
     pub last_error: Option<String>,
 }
 
+/// Events the relay had acknowledged by the broker, counted by the
+/// process relaying.
+pub const PUBLISHED: &str = "relay_published_total";
+/// Committed events not yet published, measured at most once a second by
+/// the process relaying (0 on a standby).
+pub const LAG_EVENTS: &str = "relay_lag_events";
+/// Age of the oldest committed event not yet published.
+pub const LAG_SECONDS: &str = "relay_lag_seconds";
+
 /// Shared view of the relay's state.
 #[derive(Debug, Clone)]
 pub struct RelayStatus(Arc<Mutex<RelayReport>>);
@@ -150,6 +159,27 @@ impl RelayStatus {
     /// A copy of the current state.
     pub fn report(&self) -> Option<RelayReport> {
         self.0.lock().ok().map(|report| report.clone())
+    }
+
+    /// The backlog just measured, in the report, and in the metrics when
+    /// this process relays.
+    fn lagging(&self, events: i64, seconds: f64, relaying: bool) {
+        if relaying {
+            #[allow(clippy::cast_precision_loss)] // a count of events
+            metrics::gauge!(LAG_EVENTS).set(events as f64);
+            metrics::gauge!(LAG_SECONDS).set(seconds);
+        }
+        self.update(|report| {
+            report.lag_events = Some(events);
+            report.lag_seconds = Some(seconds);
+        });
+    }
+
+    /// A standby's lag gauges: zero, so that the sum or the max over
+    /// instances is the active relay's.
+    fn not_relaying(&self) {
+        metrics::gauge!(LAG_EVENTS).set(0.0);
+        metrics::gauge!(LAG_SECONDS).set(0.0);
     }
 
     fn update(&self, change: impl FnOnce(&mut RelayReport)) {
@@ -244,15 +274,19 @@ impl Relay {
                         retry_in = ?backoff.delay(),
                         "relay stopped publishing; retrying"
                     );
-                    // While it cannot publish, the backlog still shows.
-                    let lag = self.lag_from_checkpoint().await.ok();
+                    // While it cannot publish, the backlog still shows, in
+                    // the metrics too when this process was the one
+                    // publishing (a standby's are the active relay's).
+                    let was_active = self
+                        .status
+                        .report()
+                        .is_some_and(|report| matches!(report.role, Role::Active));
+                    if let Ok((events, seconds)) = self.lag_from_checkpoint().await {
+                        self.status.lagging(events, seconds, was_active);
+                    }
                     self.status.update(|report| {
                         report.role = Role::Starting;
                         report.last_error = Some(format!("{error:#}"));
-                        if let Some((events, seconds)) = lag {
-                            report.lag_events = Some(events);
-                            report.lag_seconds = Some(seconds);
-                        }
                     });
                 }
             }
@@ -299,6 +333,9 @@ impl Relay {
                 report.role = Role::Standby;
                 report.last_error = None;
             });
+            // Another process relays: its gauges tell the lag, and this
+            // one's must not keep a figure from when it relayed.
+            self.status.not_relaying();
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 () = tokio::time::sleep(standby_poll) => {}
@@ -382,6 +419,7 @@ impl Relay {
                     caught_up = false;
                 }
                 let published = u64::try_from(published).unwrap_or(u64::MAX);
+                metrics::counter!(PUBLISHED).increment(published);
                 self.status.update(|report| {
                     report.published_through = Some(stored.cursor);
                     report.published += published;
@@ -401,11 +439,9 @@ impl Relay {
                     caught_up = false;
                 }
                 let (events, seconds) = lag(&mut conn, &stored.cursor).await?;
-                self.status.update(|report| {
-                    report.published_through = Some(stored.cursor);
-                    report.lag_events = Some(events);
-                    report.lag_seconds = Some(seconds);
-                });
+                self.status.lagging(events, seconds, true);
+                self.status
+                    .update(|report| report.published_through = Some(stored.cursor));
                 lag_measured = Instant::now();
             }
             if in_flight.len() >= in_flight_max || (caught_up && !in_flight.is_empty()) {
@@ -555,13 +591,35 @@ pub fn headers_of(event: &domain::PublishedEvent) -> OwnedHeaders {
         event.aggregate_type, event.aggregate_id, event.sequence
     );
     let ce_time = event.recorded_at.to_rfc3339();
-    OwnedHeaders::new()
+    let headers = OwnedHeaders::new()
         .insert(header("ce_specversion", "1.0"))
         .insert(header("ce_type", &event.event_type))
         .insert(header("ce_id", &ce_id))
         .insert(header("ce_source", CE_SOURCE))
         .insert(header("ce_time", &ce_time))
-        .insert(header("content-type", "application/json"))
+        .insert(header("content-type", "application/json"));
+    match event.metadata.get("correlation_id") {
+        Some(correlation_id) => headers
+            .insert(header("correlation_id", correlation_id))
+            .insert(header(
+                "traceparent",
+                &traceparent(correlation_id, event.global_position),
+            )),
+        None => headers,
+    }
+}
+
+/// W3C Trace Context's `traceparent` of an event: the trace is the request
+/// that caused it (its id when that is a UUID, as the ids command-api makes
+/// are; else a UUID derived from it), the parent span the event itself.
+pub fn traceparent(correlation_id: &str, global_position: i64) -> String {
+    let trace = uuid::Uuid::parse_str(correlation_id)
+        .ok()
+        .filter(|id| !id.is_nil())
+        .unwrap_or_else(|| {
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, correlation_id.as_bytes())
+        });
+    format!("00-{}-{:016x}-01", trace.simple(), global_position)
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
@@ -653,4 +711,25 @@ async fn lag(conn: &mut PgConnection, cursor: &Cursor) -> anyhow::Result<(i64, f
     .await
     .context("measuring the relay's lag")?;
     Ok((row.try_get("events")?, row.try_get("seconds")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::traceparent;
+
+    #[test]
+    fn the_trace_is_the_request_and_the_span_the_event() {
+        assert_eq!(
+            traceparent("0b8e7f3a-52c1-4d7e-9a0f-3c2b1d4e5f60", 255),
+            "00-0b8e7f3a52c14d7e9a0f3c2b1d4e5f60-00000000000000ff-01"
+        );
+        // A client's own id that is not a UUID: derived, the same each time.
+        let derived = traceparent("checkout-42", 1);
+        assert_eq!(derived, traceparent("checkout-42", 1));
+        assert_ne!(derived, traceparent("checkout-43", 1));
+        let parts: Vec<&str> = derived.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts[1].len(), 32);
+        assert!(parts[1].chars().all(|c| c.is_ascii_hexdigit()));
+    }
 }

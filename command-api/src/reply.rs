@@ -56,6 +56,21 @@ impl Reply {
         }
     }
 
+    /// The kind of the problem this answer is (`seat-limit` of
+    /// `/problems/seat-limit`), if it is one.
+    pub fn problem_kind(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Typed {
+            r#type: String,
+        }
+        let content_type = self.headers.get(header::CONTENT_TYPE)?;
+        if content_type != service_kit::problem::CONTENT_TYPE {
+            return None;
+        }
+        let typed: Typed = serde_json::from_slice(&self.body).ok()?;
+        Some(typed.r#type.strip_prefix("/problems/")?.to_owned())
+    }
+
     /// Adds a header.
     pub fn header(&mut self, name: HeaderName, value: HeaderValue) -> &mut Self {
         self.headers.insert(name, value);

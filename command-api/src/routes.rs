@@ -360,12 +360,44 @@ fn parse_booking(
             with another body", body = Problem, content_type = "application/problem+json"),
         WriteProblems, AuthProblems, RateProblems),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(show_id = %body.show_id, booking_id = tracing::field::Empty))]
 pub async fn place_booking(
     caller: Caller,
     State(sales): State<Sales>,
     headers: HeaderMap,
-    Json(body): Json<NewBooking>,
+    body: Result<Json<NewBooking>, ApiError>,
+) -> Result<Reply, ApiError> {
+    let hold = body.as_ref().is_ok_and(|Json(body)| body.hold);
+    let answer = match body {
+        Ok(Json(body)) => place(caller, sales, headers, body).await,
+        Err(refusal) => Err(refusal),
+    };
+    metrics::counter!(BOOKINGS, "outcome" => booking_outcome(&answer, hold)).increment(1);
+    answer
+}
+
+/// Bookings asked for, by `outcome`: `booked`, `held`, `replayed` (a
+/// retry answered with its key's first answer) or the refusal's problem
+/// type (`seats-unavailable`, `seat-limit`, `unavailable`, ...).
+pub const BOOKINGS: &str = "bookings_total";
+
+fn booking_outcome(answer: &Result<Reply, ApiError>, hold: bool) -> String {
+    match answer {
+        Ok(reply) if reply.replayed => "replayed".to_owned(),
+        Ok(reply) if reply.status == StatusCode::CREATED => {
+            if hold { "held" } else { "booked" }.to_owned()
+        }
+        // A refusal kept for an `Idempotency-Key`: its problem's type.
+        Ok(reply) => reply.problem_kind().unwrap_or_else(|| "refused".to_owned()),
+        Err(refusal) => refusal.kind().to_owned(),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(show_id = %body.show_id, booking_id = tracing::field::Empty))]
+async fn place(
+    caller: Caller,
+    sales: Sales,
+    headers: HeaderMap,
+    body: NewBooking,
 ) -> Result<Reply, ApiError> {
     let keyed = Keyed::from_headers(&headers, "POST /bookings", &caller, &body)?;
     if body.seats.is_some() == body.best_available.is_some() {
@@ -542,7 +574,7 @@ async fn enter_gate(
         (status = 409, description = "expired or cancelled (`booking_status`)", body = Problem, content_type = "application/problem+json"),
         ActionProblems, AuthProblems, RateProblems),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(booking_id = %id))]
+#[tracing::instrument(skip_all, fields(booking_id = %id, show_id = tracing::field::Empty))]
 pub async fn confirm_booking(
     caller: Caller,
     State(sales): State<Sales>,
@@ -558,13 +590,14 @@ pub async fn confirm_booking(
         (status = 409, description = "expired (`booking_status`)", body = Problem, content_type = "application/problem+json"),
         ActionProblems, AuthProblems, RateProblems),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(booking_id = %id))]
+#[tracing::instrument(skip_all, fields(booking_id = %id, show_id = tracing::field::Empty))]
 pub async fn cancel_booking(
     caller: Caller,
     State(sales): State<Sales>,
     Path(id): Path<String>,
 ) -> Result<Reply, ApiError> {
-    settle(&sales, &caller, &id, Settle::Cancel).await
+    let by = caller.user().map(domain::UserId::from_uuid);
+    settle(&sales, &caller, &id, Settle::Cancel { by }).await
 }
 
 async fn settle(

@@ -144,6 +144,7 @@ impl Sales {
                 keyed: keyed.cloned(),
                 reply: Arc::clone(reply),
                 picked: false,
+                cause: crate::cause::Cause::current(),
             });
             match group.submit(check).await {
                 Outcome::Answered(answer) => return answer.map(Some),
@@ -182,6 +183,7 @@ impl Sales {
                 keyed: keyed.cloned(),
                 reply: Arc::clone(&reply),
                 picked: false,
+                cause: crate::cause::Cause::current(),
             };
             if let Outcome::Answered(answer) = group.submit(Command::Place(placement)).await {
                 return answer;
@@ -218,6 +220,7 @@ impl Sales {
             keyed: keyed.cloned(),
             reply: Arc::clone(reply),
             picked: true,
+            cause: crate::cause::Cause::current(),
         };
         Some(group.submit(Command::Place(placement)).await)
     }
@@ -574,6 +577,7 @@ impl Sales {
         let (show_id, user_id, labels) = booking_seats(conn, booking_id)
             .await?
             .ok_or(ApiError::NotFound("booking"))?;
+        tracing::Span::current().record("show_id", tracing::field::display(show_id));
         if !caller.acts_for(user_id.as_uuid()) {
             return Err(ApiError::Forbidden(
                 "only the booking's buyer or an admin may change it",
@@ -613,7 +617,7 @@ impl Sales {
         };
         let decided = match action {
             Settle::Confirm => box_office::confirm(&loaded.state, views, now),
-            Settle::Cancel => box_office::cancel(&loaded.state, views, now),
+            Settle::Cancel { by } => box_office::cancel(&loaded.state, views, now, by),
         };
         let lapsed = matches!(loaded.state.status(), Some(BookingStatus::Held { expires_at }) if expires_at <= now);
         let (changes, refusal) = match decided {
@@ -696,8 +700,12 @@ pub type Work<'c> = Pin<Box<dyn Future<Output = Result<Reply, ApiError>> + Send 
 pub enum Settle {
     /// Buy a held booking.
     Confirm,
-    /// Cancel and free the seats.
-    Cancel,
+    /// Cancel and free the seats, as the verified user `by` (`None` when
+    /// tokens are not checked).
+    Cancel {
+        /// Who asks.
+        by: Option<UserId>,
+    },
 }
 
 pub(crate) fn states<K: Ord + Clone, A: Clone>(loaded: &BTreeMap<K, Loaded<A>>) -> BTreeMap<K, A> {

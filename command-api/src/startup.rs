@@ -14,7 +14,6 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::relay::{Relay, RelayStatus};
@@ -81,12 +80,14 @@ pub fn router(sales: Sales, relay: RelayStatus, access: Access, cors: CorsLayer)
         .route("/bookings/{id}/cancel", post(routes::cancel_booking))
         .route("/healthz", get(|| async { StatusCode::OK }))
         .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(service_kit::metrics::render))
         .route(
             "/openapi.json",
             get(|| async { axum::Json(routes::ApiDoc::openapi()) }),
         )
         .fallback(service_kit::problem::no_such_route)
         .method_not_allowed_fallback(service_kit::problem::no_such_method)
+        .layer(middleware::from_fn(crate::cause::record))
         .layer(middleware::from_fn_with_state(
             access,
             service_kit::auth::guard,
@@ -95,8 +96,8 @@ pub fn router(sales: Sales, relay: RelayStatus, access: Access, cors: CorsLayer)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(|request, next| {
             service_kit::http::within(REQUEST_TIME_LIMIT, request, next)
-        }))
-        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span));
+        }));
+    let router = service_kit::http::observed(router);
     // CORS outermost: a browser's preflight is answered before the guard,
     // which would refuse it for carrying no token.
     service_kit::http::with_request_ids(router)

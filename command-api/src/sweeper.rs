@@ -6,6 +6,7 @@ use std::time::Duration;
 use domain::BookingId;
 use tokio_util::sync::CancellationToken;
 
+use crate::cause::Cause;
 use crate::error::ApiError;
 use crate::idempotency;
 use crate::sales::Sales;
@@ -22,9 +23,16 @@ pub async fn run(sales: Sales, every: Duration, keep_keys: Duration, stop: Cance
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match expire_lapsed(&sales).await {
+        // The expiries' metadata names the pass, as a request's names the
+        // request.
+        let sweep = format!("sweep-{}", uuid::Uuid::new_v4());
+        let cause = Cause {
+            correlation_id: Some(sweep.clone()),
+            user_id: None,
+        };
+        match cause.scope(expire_lapsed(&sales)).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(expired = n, "expired lapsed holds"),
+            Ok(n) => tracing::info!(expired = n, correlation_id = sweep, "expired lapsed holds"),
             Err(error) => {
                 tracing::warn!(%error, "sweeping lapsed holds failed; retrying next pass")
             }

@@ -20,6 +20,43 @@ pub struct BookedSeat {
     pub price_cents: Cents,
 }
 
+/// Who cancelled a booking: what a box office asks first when a buyer
+/// disputes a cancellation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelledBy {
+    /// The buyer themselves.
+    Buyer,
+    /// Someone else for the buyer (an admin's token): who.
+    Staff {
+        /// The staff member's user id.
+        user_id: UserId,
+    },
+    /// Not known: tokens were not checked, or the event was recorded
+    /// before version 2 of `BookingCancelled`.
+    Unrecorded,
+}
+
+impl CancelledBy {
+    /// `buyer`, `staff` or `unrecorded`: what the read side shows.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Buyer => "buyer",
+            Self::Staff { .. } => "staff",
+            Self::Unrecorded => "unrecorded",
+        }
+    }
+
+    /// Who `by` is to the buyer `buyer`.
+    pub fn of(by: Option<UserId>, buyer: UserId) -> Self {
+        match by {
+            Some(user) if user == buyer => Self::Buyer,
+            Some(user_id) => Self::Staff { user_id },
+            None => Self::Unrecorded,
+        }
+    }
+}
+
 /// What a booking is for; fixed when it is placed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BookingDetails {
@@ -146,6 +183,8 @@ pub enum BookingCommand {
     Cancel {
         /// The time of the request.
         now: Timestamp,
+        /// The verified user asking; `None` when tokens are not checked.
+        by: Option<UserId>,
     },
     /// Record that a hold has lapsed.
     Expire {
@@ -185,7 +224,8 @@ pub enum BookingEvent {
         /// When.
         confirmed_at: Timestamp,
     },
-    /// The booking was cancelled and its seats freed.
+    /// The booking was cancelled and its seats freed. Version 2 (see
+    /// [`crate::versions`]): `cancelled_by` added.
     BookingCancelled {
         /// The booking.
         booking_id: BookingId,
@@ -193,6 +233,8 @@ pub enum BookingEvent {
         show_id: ShowId,
         /// When.
         cancelled_at: Timestamp,
+        /// Who: the buyer, or box-office staff for them.
+        cancelled_by: CancelledBy,
     },
     /// The booking's hold lapsed.
     BookingExpired {
@@ -218,7 +260,7 @@ impl DomainEvent for BookingEvent {
     }
 
     fn event_version(&self) -> String {
-        crate::EVENT_VERSION.to_owned()
+        crate::versions::current(&self.event_type()).to_owned()
     }
 }
 
@@ -301,7 +343,7 @@ impl Booking {
                 }
             }
         };
-        let (booking_id, show_id) = (details.booking_id, details.show_id);
+        let (booking_id, show_id, buyer) = (details.booking_id, details.show_id, details.user_id);
         let lapsed = |now: Timestamp| matches!(recorded, Held { expires_at } if expires_at <= now);
         match (command, recorded) {
             (Hold { .. } | Place { .. }, _) => Err(BookingError::AlreadyExists),
@@ -312,17 +354,19 @@ impl Booking {
                     confirmed_at: now,
                 }])
             }
-            (Cancel { now }, Held { .. }) if !lapsed(now) => {
+            (Cancel { now, by }, Held { .. }) if !lapsed(now) => {
                 Ok(vec![BookingEvent::BookingCancelled {
                     booking_id,
                     show_id,
                     cancelled_at: now,
+                    cancelled_by: CancelledBy::of(by, buyer),
                 }])
             }
-            (Cancel { now }, Confirmed) => Ok(vec![BookingEvent::BookingCancelled {
+            (Cancel { now, by }, Confirmed) => Ok(vec![BookingEvent::BookingCancelled {
                 booking_id,
                 show_id,
                 cancelled_at: now,
+                cancelled_by: CancelledBy::of(by, buyer),
             }]),
             (Expire { now }, Held { .. }) if lapsed(now) => {
                 Ok(vec![BookingEvent::BookingExpired {

@@ -389,10 +389,11 @@ pub fn cancel(
     booking: &Booking,
     streams: Streams<'_>,
     now: Timestamp,
+    by: Option<UserId>,
 ) -> Result<Changes, BoxOfficeError> {
     end(
         booking,
-        BookingCommand::Cancel { now },
+        BookingCommand::Cancel { now, by },
         ReleaseReason::Cancelled,
         streams,
     )

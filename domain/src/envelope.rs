@@ -76,21 +76,27 @@ pub enum EnvelopeError {
         #[source]
         source: serde_json::Error,
     },
+    /// Its version cannot be brought to the current shape.
+    #[error(transparent)]
+    Version(#[from] crate::versions::VersionError),
 }
 
 impl AnyEvent {
     /// Decodes a payload stored for `aggregate_type`.
     ///
     /// # Errors
-    /// [`EnvelopeError::UnknownAggregateType`] or [`EnvelopeError::BadPayload`].
+    /// [`EnvelopeError::UnknownAggregateType`], [`EnvelopeError::BadPayload`]
+    /// or [`EnvelopeError::Version`].
     pub fn decode(
         aggregate_type: &str,
+        event_version: &str,
         payload: &serde_json::Value,
     ) -> Result<Self, EnvelopeError> {
         let bad = |source| EnvelopeError::BadPayload {
             aggregate_type: aggregate_type.to_owned(),
             source,
         };
+        let payload = &*crate::versions::upcast_ref(event_version, payload)?;
         match aggregate_type {
             Show::TYPE => ShowEvent::deserialize(payload).map(Self::Show).map_err(bad),
             Seat::TYPE => SeatEvent::deserialize(payload).map(Self::Seat).map_err(bad),
@@ -131,6 +137,6 @@ impl PublishedEvent {
     /// # Errors
     /// As [`AnyEvent::decode`].
     pub fn decode(&self) -> Result<AnyEvent, EnvelopeError> {
-        AnyEvent::decode(&self.aggregate_type, &self.payload)
+        AnyEvent::decode(&self.aggregate_type, &self.event_version, &self.payload)
     }
 }

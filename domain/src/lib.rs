@@ -17,10 +17,11 @@ pub mod ids;
 pub mod read_model;
 pub mod seat;
 pub mod show;
+pub mod versions;
 
 pub use booking::{
     BookedSeat, Booking, BookingCommand, BookingDetails, BookingError, BookingEvent, BookingState,
-    BookingStatus,
+    BookingStatus, CancelledBy,
 };
 pub use box_office::{BookingRequest, BoxOfficeError, Changes, Purchase, Streams};
 pub use consistency::{ConsistencyToken, TokenError, TokenKey, WeakKey, CONSISTENCY_HEADER};
@@ -37,5 +38,6 @@ pub use show::{
 /// A point in time, UTC. Always passed in, never read from a clock here.
 pub type Timestamp = chrono::DateTime<chrono::Utc>;
 
-/// The payload version of every event type as first released.
+/// The payload version of every event type as first released; what each
+/// is written in now is [`versions::current`].
 pub const EVENT_VERSION: &str = "1";

@@ -61,6 +61,9 @@ pub const BLOCK_SEATS: u32 = 250;
 pub const OFFSETS: &str = "read_model_offsets";
 /// Collection of the events the projector set aside (per generation).
 pub const PARKED: &str = "parked";
+/// Collection (not generation-specific) of `projector unpark` requests,
+/// which the live projector carries out between batches.
+pub const UNPARKS: &str = "read_model_unparks";
 
 /// The name of `collection` in read-model generation `generation`.
 pub fn collection_name(generation: u32, collection: &str) -> String {
@@ -701,6 +704,10 @@ pub struct BookingDoc {
     pub created_order: i64,
     /// When its last event happened.
     pub updated_at: String,
+    /// Who cancelled it, once cancelled: `buyer`, `staff` or `unrecorded`
+    /// ([`crate::CancelledBy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<String>,
 }
 
 impl BookingDoc {
@@ -736,6 +743,7 @@ impl BookingDoc {
             created_at: format_time(*at),
             created_order: at.timestamp_micros(),
             updated_at: format_time(*at),
+            cancelled_by: None,
         })
     }
 
@@ -753,7 +761,12 @@ impl BookingDoc {
             BookingEvent::BookingConfirmed { confirmed_at, .. } => {
                 (BookingDocStatus::Confirmed, confirmed_at)
             }
-            BookingEvent::BookingCancelled { cancelled_at, .. } => {
+            BookingEvent::BookingCancelled {
+                cancelled_at,
+                cancelled_by,
+                ..
+            } => {
+                self.cancelled_by = Some(cancelled_by.kind().to_owned());
                 (BookingDocStatus::Cancelled, cancelled_at)
             }
             BookingEvent::BookingExpired { expired_at, .. } => {

@@ -174,7 +174,7 @@ impl DomainEvent for SeatEvent {
     }
 
     fn event_version(&self) -> String {
-        crate::EVENT_VERSION.to_owned()
+        crate::versions::current(&self.event_type()).to_owned()
     }
 }
 

@@ -338,7 +338,7 @@ impl DomainEvent for ShowEvent {
     }
 
     fn event_version(&self) -> String {
-        crate::EVENT_VERSION.to_owned()
+        crate::versions::current(&self.event_type()).to_owned()
     }
 }
 

@@ -243,7 +243,10 @@ async fn a_held_booking_is_confirmed_once() {
 async fn a_lapsed_hold_can_be_neither_confirmed_nor_cancelled_but_expires() {
     for command in [
         BookingCommand::Confirm { now: at(10) },
-        BookingCommand::Cancel { now: at(11) },
+        BookingCommand::Cancel {
+            now: at(11),
+            by: None,
+        },
     ] {
         TestFramework::<Booking>::with(())
             .given(vec![booking_held(1, &["B1"], 10)])
@@ -268,10 +271,14 @@ async fn a_cancelled_booking_stays_cancelled() {
         booking_id: booking(1),
         show_id: show_id(),
         cancelled_at: at(2),
+        cancelled_by: domain::CancelledBy::Buyer,
     };
     TestFramework::<Booking>::with(())
         .given(vec![booking_held(1, &["B1"], 10), cancelled.clone()])
-        .when_async(BookingCommand::Cancel { now: at(3) })
+        .when_async(BookingCommand::Cancel {
+            now: at(3),
+            by: None,
+        })
         .await
         .then_expect_events(vec![]);
     TestFramework::<Booking>::with(())

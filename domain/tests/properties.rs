@@ -147,7 +147,8 @@ impl World {
             Step::Cancel(n) => {
                 if let Some(id) = self.pick(n) {
                     let state = self.bookings[&id].state_at(self.now);
-                    let result = box_office::cancel(&self.bookings[&id], self.streams(), self.now);
+                    let result =
+                        box_office::cancel(&self.bookings[&id], self.streams(), self.now, None);
                     let may = matches!(
                         state,
                         Some(
@@ -425,7 +426,7 @@ fn booking_command() -> impl Strategy<Value = BookingCommand> {
         (booking_details(), timestamp())
             .prop_map(|(details, now)| BookingCommand::Place { details, now }),
         timestamp().prop_map(|now| BookingCommand::Confirm { now }),
-        timestamp().prop_map(|now| BookingCommand::Cancel { now }),
+        timestamp().prop_map(|now| BookingCommand::Cancel { now, by: None }),
         timestamp().prop_map(|now| BookingCommand::Expire { now }),
     ]
 }
@@ -531,6 +532,7 @@ fn booking_event() -> impl Strategy<Value = BookingEvent> {
                 booking_id,
                 show_id,
                 cancelled_at: t1,
+                cancelled_by: domain::CancelledBy::Buyer,
             },
             _ => BookingEvent::BookingExpired {
                 booking_id,
@@ -591,7 +593,7 @@ proptest! {
         round_trips(&event)?;
         round_trips(&command)?;
         prop_assert_eq!(
-            domain::AnyEvent::decode("Seat", &json(&event)).ok(),
+            domain::AnyEvent::decode("Seat", "1", &json(&event)).ok(),
             Some(domain::AnyEvent::Seat(event))
         );
     }

@@ -201,6 +201,7 @@ fn history() -> Vec<PublishedEvent> {
             booking_id: booking(3),
             show_id: show,
             cancelled_at: at(7),
+            cancelled_by: domain::CancelledBy::Buyer,
         },
     ));
     push(published(

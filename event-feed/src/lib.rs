@@ -23,7 +23,8 @@ use std::str::FromStr;
 
 use anyhow::{ensure, Context};
 use chrono::{DateTime, Utc};
-use domain::envelope::ENVELOPE_VERSION;
+use domain::envelope::{EnvelopeError, ENVELOPE_VERSION};
+use domain::versions::VersionError;
 use domain::{AnyEvent, PublishedEvent};
 use serde::{Serialize, Serializer};
 use sqlx::encode::IsNull;
@@ -189,9 +190,21 @@ fn committed(row: &sqlx::postgres::PgRow) -> anyhow::Result<Committed> {
     let sequence: i64 = row.try_get("sequence")?;
     let payload: serde_json::Value = row.try_get("payload")?;
     let metadata: serde_json::Value = row.try_get("metadata")?;
-    let decoded = AnyEvent::decode(&aggregate_type, &payload).with_context(|| {
-        format!("event {aggregate_type} {aggregate_id}#{sequence} does not decode")
-    })?;
+    let event_version: String = row.try_get("event_version")?;
+    let show_id = match AnyEvent::decode(&aggregate_type, &event_version, &payload) {
+        Ok(decoded) => decoded.show_id(),
+        // Written by a later release: published as it is (its consumers
+        // know the version, or park it), routed by the show it names.
+        Err(EnvelopeError::Version(VersionError::Newer { .. })) => show_id_named(&payload)
+            .with_context(|| {
+                format!("event {aggregate_type} {aggregate_id}#{sequence} names no show")
+            })?,
+        Err(error) => {
+            return Err(anyhow::Error::new(error).context(format!(
+                "event {aggregate_type} {aggregate_id}#{sequence} does not decode"
+            )))
+        }
+    };
     let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
     let global_position: i64 = row.try_get("global_position")?;
     Ok(Committed {
@@ -201,18 +214,25 @@ fn committed(row: &sqlx::postgres::PgRow) -> anyhow::Result<Committed> {
         },
         event: PublishedEvent {
             envelope_version: ENVELOPE_VERSION,
-            show_id: decoded.show_id(),
+            show_id,
             aggregate_type,
             aggregate_id,
             sequence: u64::try_from(sequence).context("a negative sequence")?,
             event_type: row.try_get("event_type")?,
-            event_version: row.try_get("event_version")?,
+            event_version,
             global_position,
             recorded_at,
             payload,
             metadata: serde_json::from_value(metadata).unwrap_or_default(),
         },
     })
+}
+
+/// The `show_id` of a tagged payload (`{"<event type>": {"show_id": …}}`),
+/// which every event type has.
+fn show_id_named(payload: &serde_json::Value) -> Option<domain::ShowId> {
+    let body = payload.as_object()?.values().next()?;
+    body.get("show_id")?.as_str()?.parse().ok()
 }
 
 /// Checks a page read after `cursor` against the log (see [`read_after`]).

@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use domain::read_model::{self, GENERATIONS, GENERATION_POINTER, OFFSETS};
+use domain::read_model::{self, GENERATIONS, GENERATION_POINTER, OFFSETS, UNPARKS};
 use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::{Collection, Database};
@@ -101,6 +101,16 @@ pub struct Offsets {
     /// its writer last saw, so a document restored from a backup, or saved
     /// by anyone else, sends the writer back to what MongoDB holds.
     pub saves: i64,
+}
+
+/// The part of a save's filter that expects `saves` saves before it.
+fn saves_filter(saves: i64) -> Document {
+    if saves == 0 {
+        // Documents of an older release kept no count.
+        doc! { "$or": [ { "saves": 0_i64 }, { "saves": { "$exists": false } } ] }
+    } else {
+        doc! { "saves": saves }
+    }
 }
 
 /// What saving offsets found.
@@ -218,6 +228,103 @@ impl Generations {
 
     fn offsets(&self) -> Collection<Document> {
         self.database.collection(OFFSETS)
+    }
+
+    fn unparks(&self) -> Collection<Document> {
+        self.database.collection(UNPARKS)
+    }
+
+    /// Asks the live projector of `generation` to apply its parked events
+    /// again; the request's id, to wait for with [`Generations::unpark_done`].
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn request_unpark(&self, generation: u32) -> Result<String, StoreError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.unparks()
+            .insert_one(doc! {
+                "_id": &id, "generation": i64::from(generation),
+                "requested_at": DateTime::now(), "done_at": Bson::Null,
+            })
+            .await?;
+        Ok(id)
+    }
+
+    /// The unparks of `generation` that wait to be carried out.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn pending_unparks(&self, generation: u32) -> Result<Vec<String>, StoreError> {
+        let mut cursor = self
+            .unparks()
+            .find(doc! { "generation": i64::from(generation), "done_at": Bson::Null })
+            .await?;
+        let mut ids = Vec::new();
+        while cursor.advance().await? {
+            if let Ok(id) = cursor.current().get_str("_id") {
+                ids.push(id.to_owned());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Answers the unpark requests `ids` with `outcome`.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn finish_unparks(
+        &self,
+        ids: &[String],
+        outcome: Document,
+    ) -> Result<(), StoreError> {
+        let mut done = outcome;
+        done.insert("done_at", DateTime::now());
+        self.unparks()
+            .update_many(doc! { "_id": { "$in": ids } }, doc! { "$set": done })
+            .await?;
+        Ok(())
+    }
+
+    /// The outcome of unpark request `id` once carried out, else `None`.
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn unpark_done(&self, id: &str) -> Result<Option<Document>, StoreError> {
+        Ok(self
+            .unparks()
+            .find_one(doc! { "_id": id, "done_at": { "$ne": Bson::Null } })
+            .await?)
+    }
+
+    /// Saves `parked_shows` as the whole set of `generation`'s parked
+    /// shows (after an unpark took some off), as the writer of `epoch`
+    /// that saw `saves` saves; fenced and counted like
+    /// [`Generations::save_offsets`].
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn save_parked_shows(
+        &self,
+        generation: u32,
+        epoch: i64,
+        parked_shows: &BTreeSet<String>,
+        saves: i64,
+    ) -> Result<Saved, StoreError> {
+        let shows: Vec<&String> = parked_shows.iter().collect();
+        let mut filter = doc! { "_id": offsets_id(generation), "epoch": { "$lte": epoch } };
+        filter.extend(saves_filter(saves));
+        let result = self
+            .offsets()
+            .update_one(
+                filter,
+                doc! { "$set": { "epoch": epoch, "parked_shows": shows },
+                "$inc": { "saves": 1_i64 } },
+            )
+            .await?;
+        if result.matched_count == 1 {
+            return Ok(Saved::Saved(saves + 1));
+        }
+        self.why_not_saved(generation, epoch).await
     }
 
     /// The pointer, created at generation 1 when there is none.
@@ -577,18 +684,7 @@ impl Generations {
             update.insert("$addToSet", doc! { "parked_shows": { "$each": shows } });
         }
         let mut filter = doc! { "_id": offsets_id(generation), "epoch": { "$lte": epoch } };
-        if saves == 0 {
-            // Documents of an older release kept no count.
-            filter.insert(
-                "$or",
-                vec![
-                    doc! { "saves": 0_i64 },
-                    doc! { "saves": { "$exists": false } },
-                ],
-            );
-        } else {
-            filter.insert("saves", saves);
-        }
+        filter.extend(saves_filter(saves));
         let result = self.offsets().update_one(filter, update).await?;
         if result.matched_count == 1 {
             return Ok(Saved::Saved(saves + 1));

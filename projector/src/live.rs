@@ -29,11 +29,13 @@
 //! which holds at least every event n held. No read goes back in time.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use domain::PublishedEvent;
+use mongodb::bson::doc;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -99,15 +101,28 @@ pub struct Report {
     pub epoch: i64,
     /// Events applied since start (duplicates included).
     pub events: u64,
-    /// Events refused as inconsistent with the read models (logged).
+    /// Events refused as inconsistent with the read models, or whose
+    /// payload does not decode (parked).
     pub rejected: u64,
     /// Events parked since start.
     pub parked: u64,
     /// Shows whose events are parked: not current on the read side.
     pub parked_shows: BTreeSet<String>,
+    /// Events on the topic past those applied, measured at most once a
+    /// second while following the topic; `None` before the first measure.
+    pub lag_events: Option<i64>,
     /// The last error, if the last attempt failed.
     pub last_error: Option<String>,
 }
+
+/// Events applied to the read models (not parked, not refused), counted.
+pub const APPLIED: &str = "projector_events_applied_total";
+/// [`Report::lag_events`].
+pub const LAG_EVENTS: &str = "projector_lag_events";
+/// How often the live run measures its lag: a broker round trip.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+/// Longest a lag measure waits for the broker, for each partition.
+const LAG_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Shared view of the projection's progress.
 #[derive(Debug, Clone, Default)]
@@ -163,6 +178,8 @@ pub struct Projection {
     /// No switch is tried before this: after one that failed, the current
     /// generation is projected meanwhile rather than left frozen.
     switch_after: Arc<Mutex<Instant>>,
+    /// A lag measure is running (on a blocking thread, off the live run).
+    measuring_lag: Arc<AtomicBool>,
 }
 
 const IDLE: Duration = Duration::from_millis(500);
@@ -195,6 +212,7 @@ impl Projection {
             status: Status::default(),
             holder,
             switch_after: Arc::new(Mutex::new(Instant::now())),
+            measuring_lag: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -251,7 +269,13 @@ impl Projection {
             let lease = match self.generations.take_lease(&self.holder).await {
                 Ok(Some(lease)) => lease,
                 Ok(None) => {
-                    self.status.update(|r| r.role = Role::Standby);
+                    self.status.update(|r| {
+                        r.role = Role::Standby;
+                        r.lag_events = None;
+                    });
+                    // The holder's gauge tells the lag; not a figure from
+                    // when this one held the lease.
+                    metrics::gauge!(LAG_EVENTS).set(0.0);
                     pause(&stop, RENEW_EVERY).await;
                     continue;
                 }
@@ -457,6 +481,9 @@ impl Projection {
         let mut pointer_seen = Instant::now()
             .checked_sub(POINTER_EVERY)
             .unwrap_or_else(Instant::now);
+        let mut lag_seen = Instant::now()
+            .checked_sub(LAG_EVERY)
+            .unwrap_or_else(Instant::now);
         loop {
             if stop.is_cancelled() {
                 return Ok(Ended::Stopped);
@@ -485,6 +512,20 @@ impl Projection {
                     Err(error) => self.failed(&error),
                 }
             }
+            if goal == Goal::FollowPointer && lag_seen.elapsed() >= LAG_EVERY {
+                lag_seen = Instant::now();
+                self.measure_lag(&feed, &state.next);
+                // Between batches, so that no batch parks or applies the
+                // same shows meanwhile.
+                if let Some(saved) = self
+                    .serve_unparks(generation, epoch, &mut state.parked_shows, saves)
+                    .await
+                {
+                    if let Some(ended) = after_save(Some(saved), &mut saves, generation, epoch) {
+                        return Ok(ended);
+                    }
+                }
+            }
             if batch.offsets.is_empty() {
                 continue;
             }
@@ -507,37 +548,12 @@ impl Projection {
             } else {
                 BTreeSet::new()
             };
-            match self
+            let saved = self
                 .save(generation, epoch, &state.next, &newly, saves, stop)
                 .instrument(span.clone())
-                .await
-            {
-                Some(Saved::Saved(count)) => saves = Some(count),
-                Some(Saved::Fenced) => {
-                    tracing::warn!(
-                        generation,
-                        epoch,
-                        "a projector of a later epoch writes this generation; stopping"
-                    );
-                    return Ok(Ended::Fenced);
-                }
-                Some(Saved::Vanished) => {
-                    tracing::warn!(
-                        generation,
-                        "the generation's offsets vanished (database wiped); \
-                         starting over from what MongoDB holds"
-                    );
-                    return Ok(Ended::Restart);
-                }
-                Some(Saved::Moved) => {
-                    tracing::warn!(
-                        generation,
-                        "the generation's offsets are not those saved here (database \
-                         restored, or another writer); starting over from what MongoDB holds"
-                    );
-                    return Ok(Ended::Restart);
-                }
-                None => return Ok(Ended::Stopped),
+                .await;
+            if let Some(ended) = after_save(saved, &mut saves, generation, epoch) {
+                return Ok(ended);
             }
             span.in_scope(|| {
                 tracing::debug!(
@@ -588,6 +604,10 @@ impl Projection {
             {
                 Ok(applied) => {
                     let undecodable = self.park_undecodable(generation, batch).await;
+                    // Refused events are parked, and counted there;
+                    // undecodable messages are not among those received.
+                    metrics::counter!(APPLIED)
+                        .increment(batch.received.len().saturating_sub(applied.parked) as u64);
                     self.status.update(|r| {
                         r.events += batch.received.len() as u64;
                         r.rejected += applied.rejected as u64;
@@ -606,12 +626,114 @@ impl Projection {
         }
     }
 
+    /// Carries out the `projector unpark` requests waiting for
+    /// `generation` ([`ReadStore::unpark`]), and saves the parked shows
+    /// left when that changed them; what the save found, if it saved.
+    async fn serve_unparks(
+        &self,
+        generation: u32,
+        epoch: i64,
+        parked_shows: &mut BTreeSet<String>,
+        saves: Option<i64>,
+    ) -> Option<Saved> {
+        // Nothing is parked before the generation's first save.
+        let saves = saves?;
+        let requests = match self.generations.pending_unparks(generation).await {
+            Ok(requests) if !requests.is_empty() => requests,
+            Ok(_) => return None,
+            Err(error) => {
+                self.failed(&error);
+                return None;
+            }
+        };
+        let before = parked_shows.clone();
+        let outcome = match self.store.unpark(generation, parked_shows).await {
+            Ok(unparked) => {
+                tracing::info!(
+                    generation,
+                    applied = unparked.applied,
+                    still_parked = unparked.still_parked,
+                    "parked events applied again"
+                );
+                let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+                doc! {
+                    "applied": count(unparked.applied),
+                    "still_parked": count(unparked.still_parked),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, generation, "unparking failed; what was applied stays");
+                doc! { "error": error.to_string() }
+            }
+        };
+        let mut saved = None;
+        if *parked_shows != before {
+            match self
+                .generations
+                .save_parked_shows(generation, epoch, parked_shows, saves)
+                .await
+            {
+                Ok(Saved::Saved(count)) => saved = Some(Saved::Saved(count)),
+                // Not this writer's to save any more: the next writer
+                // carries the request out (what was applied stays).
+                Ok(other) => return Some(other),
+                Err(error) => {
+                    // Not saved: those shows' later events go on being
+                    // parked (safe), and the next unpark applies them.
+                    self.failed(&error);
+                    *parked_shows = before;
+                    return None;
+                }
+            }
+        }
+        let shows = parked_shows.clone();
+        self.status.update(|r| r.parked_shows = shows);
+        if let Err(error) = self.generations.finish_unparks(&requests, outcome).await {
+            self.failed(&error);
+        }
+        saved
+    }
+
+    /// Counts the events on the topic past `next`, for `/readyz` and
+    /// [`LAG_EVENTS`], on a blocking thread of its own: a broker slow to
+    /// answer must not hold the live run. At most one measure at a time;
+    /// a broker that does not answer leaves the last measure.
+    fn measure_lag(&self, feed: &Feed, next: &BTreeMap<i32, i64>) {
+        if self.measuring_lag.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let consumer = feed.consumer.clone();
+        let topic = self.settings.topic.clone();
+        let next = next.clone();
+        let status = self.status.clone();
+        let measuring = Arc::clone(&self.measuring_lag);
+        tokio::task::spawn_blocking(move || {
+            let mut lag = Some(0);
+            for (partition, offset) in next {
+                match consumer.fetch_watermarks(&topic, partition, LAG_TIMEOUT) {
+                    Ok((_, end)) => lag = lag.map(|sum| sum + (end - offset).max(0)),
+                    Err(error) => {
+                        tracing::debug!(%error, partition, "lag not measured");
+                        lag = None;
+                        break;
+                    }
+                }
+            }
+            if let Some(lag) = lag {
+                #[allow(clippy::cast_precision_loss)] // a count of events
+                metrics::gauge!(LAG_EVENTS).set(lag as f64);
+                status.update(|r| r.lag_events = Some(lag));
+            }
+            measuring.store(false, Ordering::Release);
+        });
+    }
+
     /// Parks the messages of `batch` that are not events at all; how many.
     async fn park_undecodable(&self, generation: u32, batch: &Batch) -> usize {
-        for (partition, offset, reason) in &batch.undecodable {
+        for (partition, offset, reason, message) in &batch.undecodable {
             if let Err(error) = self
                 .store
-                .park_message(generation, *partition, *offset, reason)
+                .park_message(generation, *partition, *offset, reason, message)
                 .await
             {
                 tracing::warn!(%error, partition, offset, "could not park an undecodable message");
@@ -691,6 +813,47 @@ fn consumer_config(settings: &ConsumerSettings) -> ClientConfig {
 /// A consumer assigned every partition of the topic at given offsets.
 struct Feed {
     consumer: Closing,
+}
+
+/// What a live run does after saving: go on (`None`, with `saves` moved
+/// on) or end.
+fn after_save(
+    saved: Option<Saved>,
+    saves: &mut Option<i64>,
+    generation: u32,
+    epoch: i64,
+) -> Option<Ended> {
+    match saved {
+        Some(Saved::Saved(count)) => {
+            *saves = Some(count);
+            None
+        }
+        Some(Saved::Fenced) => {
+            tracing::warn!(
+                generation,
+                epoch,
+                "a projector of a later epoch writes this generation; stopping"
+            );
+            Some(Ended::Fenced)
+        }
+        Some(Saved::Vanished) => {
+            tracing::warn!(
+                generation,
+                "the generation's offsets vanished (database wiped); \
+                 starting over from what MongoDB holds"
+            );
+            Some(Ended::Restart)
+        }
+        Some(Saved::Moved) => {
+            tracing::warn!(
+                generation,
+                "the generation's offsets are not those saved here (database \
+                 restored, or another writer); starting over from what MongoDB holds"
+            );
+            Some(Ended::Restart)
+        }
+        None => Some(Ended::Stopped),
+    }
 }
 
 /// A consumer closed on a thread of its own when dropped: rdkafka closes a
@@ -870,7 +1033,8 @@ pub fn reached(next: &BTreeMap<i32, i64>, target: &BTreeMap<i32, i64>) -> bool {
 struct Batch {
     received: Vec<Received>,
     offsets: BTreeMap<i32, i64>,
-    undecodable: Vec<(i32, i64, String)>,
+    /// Messages that are not envelopes: partition, offset, why, bytes.
+    undecodable: Vec<(i32, i64, String, Vec<u8>)>,
 }
 
 impl Batch {
@@ -882,7 +1046,7 @@ impl Batch {
             .received
             .iter()
             .map(|r| (r.partition, r.offset))
-            .chain(self.undecodable.iter().map(|(p, o, _)| (*p, *o)));
+            .chain(self.undecodable.iter().map(|(p, o, _, _)| (*p, *o)));
         for (partition, offset) in held {
             let lowest = first.entry(partition).or_insert(offset);
             *lowest = (*lowest).min(offset);
@@ -914,19 +1078,11 @@ impl Batch {
             Some(Err(error)) => {
                 tracing::error!(partition, offset, %error,
                     "a message on the event topic is not an event envelope; parked");
-                let raw = message
-                    .payload()
-                    .map(|p| {
-                        String::from_utf8_lossy(p)
-                            .chars()
-                            .take(4096)
-                            .collect::<String>()
-                    })
-                    .unwrap_or_default();
                 self.undecodable.push((
                     partition,
                     offset,
-                    format!("not an event envelope ({error}): {raw}"),
+                    format!("not an event envelope ({error})"),
+                    message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 ));
             }
             None => {
@@ -935,8 +1091,12 @@ impl Batch {
                     offset,
                     "an empty message on the event topic; parked"
                 );
-                self.undecodable
-                    .push((partition, offset, "an empty message".to_owned()));
+                self.undecodable.push((
+                    partition,
+                    offset,
+                    "an empty message".to_owned(),
+                    Vec::new(),
+                ));
             }
         }
     }

@@ -50,6 +50,28 @@ pub enum Command {
     /// Rebuild every read model from the Postgres log into a new generation,
     /// catch up with the topic, switch the query side to it, then exit.
     Replay(ReplaySettings),
+    /// List the events the read side set aside (one JSON line each, in
+    /// topic order), with why.
+    Parked(ParkedSettings),
+    /// Ask the live projector to apply the parked events again (after a
+    /// fix), wait for it, and print what it did.
+    Unpark(UnparkSettings),
+}
+
+/// `projector parked`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ParkedSettings {
+    /// The generation; the one the query side reads when not given.
+    #[arg(long)]
+    pub generation: Option<u32>,
+}
+
+/// `projector unpark`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UnparkSettings {
+    /// How long to wait for the live projector to carry it out, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub wait_secs: u64,
 }
 
 impl Settings {
@@ -83,7 +105,77 @@ pub async fn read_store(settings: &Settings) -> anyhow::Result<ReadStore> {
 pub async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
     match settings.command.clone() {
         Some(Command::Replay(replay_settings)) => replay(settings, replay_settings, stop).await,
+        Some(Command::Parked(parked)) => list_parked(&settings, &parked).await,
+        Some(Command::Unpark(unpark)) => request_unpark(&settings, &unpark, &stop).await,
         Some(Command::Run) | None => App::build(settings).await?.run_until(stop).await,
+    }
+}
+
+/// `projector parked`: prints each parked event as a JSON line on stdout,
+/// and how many on stderr.
+///
+/// # Errors
+/// An unreachable store.
+pub async fn list_parked(settings: &Settings, parked: &ParkedSettings) -> anyhow::Result<()> {
+    use std::io::Write;
+    let store = read_store(settings).await?;
+    let generation = match parked.generation {
+        Some(generation) => generation,
+        None => store.pointer().await?.current,
+    };
+    let events = store.parked_events(generation).await?;
+    let mut out = std::io::stdout().lock();
+    for event in &events {
+        writeln!(out, "{}", serde_json::to_string(event)?)?;
+    }
+    out.flush()?;
+    tracing::info!(generation, parked = events.len(), "parked events listed");
+    Ok(())
+}
+
+/// `projector unpark`: asks the live projector of the current generation
+/// to apply its parked events again, and prints what it did as JSON.
+///
+/// # Errors
+/// An unreachable store; no live projector carrying it out in time.
+pub async fn request_unpark(
+    settings: &Settings,
+    unpark: &UnparkSettings,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let store = read_store(settings).await?;
+    let generations = store.generations();
+    let generation = store.pointer().await?.current;
+    let request = generations.request_unpark(generation).await?;
+    tracing::info!(
+        generation,
+        request,
+        "unpark requested; waiting for the live projector"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(unpark.wait_secs);
+    loop {
+        if let Some(done) = generations.unpark_done(&request).await? {
+            if let Ok(error) = done.get_str("error") {
+                anyhow::bail!("the live projector could not unpark: {error}");
+            }
+            let outcome = serde_json::json!({
+                "generation": generation,
+                "applied": done.get_i64("applied").unwrap_or_default(),
+                "still_parked": done.get_i64("still_parked").unwrap_or_default(),
+            });
+            println!("{outcome}");
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no live projector of generation {generation} carried out the unpark within {} s \
+             (is one running?); it stays requested",
+            unpark.wait_secs
+        );
+        tokio::select! {
+            () = stop.cancelled() => anyhow::bail!("stopped; the unpark stays requested"),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
     }
 }
 

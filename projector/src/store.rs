@@ -28,7 +28,8 @@ use domain::read_model::{
     BLOCKS, BOOKINGS, PARKED, SHOWS, TALLIES,
 };
 use domain::PublishedEvent;
-use mongodb::bson::{doc, DateTime, Document};
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{doc, Binary, DateTime, Document};
 use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, Database, IndexModel};
 
@@ -68,20 +69,96 @@ impl StoreError {
 }
 
 /// What applying a batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
     /// Events that changed a document.
     pub changed: usize,
     /// Events already applied before (duplicates, replays).
     pub skipped: usize,
-    /// Events that contradict the read models (logged, left out).
+    /// Events that contradict the read models or do not decode: left
+    /// out of the write (and parked by [`ReadStore::apply_parking`]).
     pub rejected: usize,
+    /// Of `rejected`, each event's index in the batch and why.
+    pub refused: Vec<(usize, String)>,
     /// Documents written.
     pub written: usize,
     /// Events parked (their show could not be written, or an earlier
     /// event of it was parked).
     pub parked: usize,
 }
+
+/// An event kept aside in `g{n}_parked`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Parked {
+    /// `partition:offset`.
+    pub id: String,
+    /// Where it was on the topic.
+    pub partition: i32,
+    /// Where it was on the topic.
+    pub offset: i64,
+    /// Its show, when it was an event.
+    pub show_id: Option<String>,
+    /// Why it is parked (the last attempt's reason).
+    pub reason: String,
+    /// When it was parked (RFC 3339).
+    pub parked_at: Option<String>,
+    /// The event's envelope, as JSON, when the message was one.
+    pub event: Option<String>,
+    /// The message as it was on the topic, when it was not an envelope
+    /// (as UTF-8, lossily, for reading; kept whole in MongoDB).
+    pub message: Option<String>,
+    #[serde(skip)]
+    raw: Option<Vec<u8>>,
+}
+
+impl Parked {
+    fn of(document: &Document) -> Self {
+        let text = |key| document.get_str(key).ok().map(str::to_owned);
+        let raw = document.get_binary_generic(PARKED_MESSAGE).ok().cloned();
+        Self {
+            id: text("_id").unwrap_or_default(),
+            partition: document.get_i32("partition").unwrap_or_default(),
+            offset: document.get_i64("offset").unwrap_or_default(),
+            show_id: text("show_id"),
+            reason: text("reason").unwrap_or_default(),
+            parked_at: document
+                .get_datetime("parked_at")
+                .ok()
+                .and_then(|at| at.try_to_rfc3339_string().ok()),
+            event: text("event"),
+            message: raw
+                .as_deref()
+                .map(|bytes| String::from_utf8_lossy(bytes).into_owned()),
+            raw,
+        }
+    }
+
+    /// The event, decoded by this release: the envelope kept, or the
+    /// message as it was.
+    ///
+    /// # Errors
+    /// Why it still does not decode.
+    pub fn decode(&self) -> Result<PublishedEvent, String> {
+        let bytes = match (&self.event, &self.raw) {
+            (Some(event), _) => event.as_bytes(),
+            (None, Some(raw)) => raw.as_slice(),
+            (None, None) => return Err("an empty message".to_owned()),
+        };
+        serde_json::from_slice(bytes).map_err(|error| format!("not an event envelope ({error})"))
+    }
+}
+
+/// What [`ReadStore::unpark`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Unparked {
+    /// Events applied and no longer parked.
+    pub applied: usize,
+    /// Events still parked.
+    pub still_parked: usize,
+}
+
+/// The member of a parked message that is not an envelope: its bytes.
+const PARKED_MESSAGE: &str = "message";
 
 /// An event from the topic, with where it was.
 #[derive(Debug, Clone)]
@@ -328,10 +405,28 @@ impl ReadStore {
         received: &[Received],
         parked_shows: &mut BTreeSet<String>,
     ) -> Result<Applied, StoreError> {
-        let (held_back, rest): (Vec<&Received>, Vec<&Received>) = received
-            .iter()
-            .partition(|r| parked_shows.contains(&r.event.show_id.to_string()));
         let mut applied = Applied::default();
+        // An event of a version this release does not know (written by a
+        // later one) is parked with every later event of its show, so that
+        // none of them is applied before it.
+        let mut held_back = Vec::new();
+        let mut rest = Vec::new();
+        for one in received {
+            let show_id = one.event.show_id.to_string();
+            if parked_shows.contains(&show_id) {
+                held_back.push(one);
+            } else if let Err(error) =
+                domain::versions::readable(&one.event.event_type, &one.event.event_version)
+            {
+                tracing::error!(%error, show_id, generation, offset = one.offset,
+                    "an event of a later release; parked with its show's later events");
+                self.park(generation, &[one], &error.to_string()).await?;
+                applied.parked += 1;
+                parked_shows.insert(show_id);
+            } else {
+                rest.push(one);
+            }
+        }
         if !held_back.is_empty() {
             self.park(
                 generation,
@@ -343,7 +438,10 @@ impl ReadStore {
         }
         let events: Vec<PublishedEvent> = rest.iter().map(|r| r.event.clone()).collect();
         let error = match self.apply(generation, &events).await {
-            Ok(done) => return Ok(add(applied, done)),
+            Ok(done) => {
+                let done = self.park_refused(generation, &rest, done).await?;
+                return Ok(add(applied, done));
+            }
             Err(error) if error.is_transient() => return Err(error),
             Err(error) => error,
         };
@@ -358,7 +456,10 @@ impl ReadStore {
         for (show_id, events) in by_show {
             let published: Vec<PublishedEvent> = events.iter().map(|r| r.event.clone()).collect();
             match self.apply(generation, &published).await {
-                Ok(done) => applied = add(applied, done),
+                Ok(done) => {
+                    let done = self.park_refused(generation, &events, done).await?;
+                    applied = add(applied, done);
+                }
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
                     tracing::error!(%error, show_id, generation, events = events.len(),
@@ -369,6 +470,27 @@ impl ReadStore {
                 }
             }
         }
+        Ok(applied)
+    }
+
+    /// Parks each event of `events` that `applied` says was refused, with
+    /// its reason: the rest of the batch is written, and the refused one
+    /// waits for `projector unpark`.
+    async fn park_refused(
+        &self,
+        generation: u32,
+        events: &[&Received],
+        mut applied: Applied,
+    ) -> Result<Applied, StoreError> {
+        for (index, reason) in &applied.refused {
+            if let Some(event) = events.get(*index) {
+                self.park(generation, &[event], reason).await?;
+                applied.parked += 1;
+            }
+        }
+        log_applied(events, &applied.refused);
+        // Indices into `events`: meaningless once added to another batch's.
+        applied.refused.clear();
         Ok(applied)
     }
 
@@ -417,12 +539,14 @@ impl ReadStore {
         partition: i32,
         offset: i64,
         reason: &str,
+        message: &[u8],
     ) -> Result<(), StoreError> {
         let parked = doc! {
             "_id": paths::parked_id(partition, offset),
             "partition": partition,
             "offset": offset,
             "reason": reason,
+            PARKED_MESSAGE: Binary { subtype: BinarySubtype::Generic, bytes: message.to_vec() },
             "parked_at": DateTime::now(),
         };
         match self.parked(generation).insert_one(parked).await {
@@ -438,6 +562,119 @@ impl ReadStore {
     /// MongoDB errors.
     pub async fn pointer(&self) -> Result<crate::generations::Pointer, StoreError> {
         self.generations().pointer().await
+    }
+
+    /// The events `generation` has parked, in topic order (by partition,
+    /// then offset).
+    ///
+    /// # Errors
+    /// MongoDB errors.
+    pub async fn parked_events(&self, generation: u32) -> Result<Vec<Parked>, StoreError> {
+        let mut cursor = self
+            .parked(generation)
+            .find(doc! {})
+            .sort(doc! { "partition": 1, "offset": 1 })
+            .await?;
+        let mut parked = Vec::new();
+        while cursor.advance().await? {
+            parked.push(Parked::of(&cursor.deserialize_current()?));
+        }
+        Ok(parked)
+    }
+
+    /// Applies the events `generation` has parked again, show by show in
+    /// topic order, after a fix (a release that decodes or applies them,
+    /// a show's first events arrived late, a document made to fit). Those
+    /// that apply leave the parked collection, and a show with none left
+    /// leaves `parked_shows`; the others stay, with the new reason.
+    ///
+    /// # Errors
+    /// MongoDB errors; what was applied before one stays applied, and
+    /// running it again goes on from there (applying is idempotent).
+    pub async fn unpark(
+        &self,
+        generation: u32,
+        parked_shows: &mut BTreeSet<String>,
+    ) -> Result<Unparked, StoreError> {
+        let mut unparked = Unparked::default();
+        let mut by_show: BTreeMap<String, Vec<Received>> = BTreeMap::new();
+        // Ids still parked, by the reason: one update for each reason.
+        let mut stays: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for parked in self.parked_events(generation).await? {
+            let event = match parked.decode() {
+                Ok(event) => event,
+                Err(reason) => {
+                    stays.entry(reason).or_default().push(parked.id.clone());
+                    unparked.still_parked += 1;
+                    continue;
+                }
+            };
+            by_show
+                .entry(event.show_id.to_string())
+                .or_default()
+                .push(Received {
+                    event,
+                    partition: parked.partition,
+                    offset: parked.offset,
+                });
+        }
+        for (show_id, events) in by_show {
+            let ids: Vec<String> = events
+                .iter()
+                .map(|r| paths::parked_id(r.partition, r.offset))
+                .collect();
+            let published: Vec<PublishedEvent> = events.iter().map(|r| r.event.clone()).collect();
+            let refused = match self.apply(generation, &published).await {
+                Ok(applied) => applied.refused,
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => (0..events.len()).map(|i| (i, error.to_string())).collect(),
+            };
+            let mut kept = vec![false; ids.len()];
+            for (index, reason) in &refused {
+                if let Some(id) = ids.get(*index) {
+                    stays.entry(reason.clone()).or_default().push(id.clone());
+                    kept[*index] = true;
+                }
+            }
+            let applied: Vec<&String> = ids
+                .iter()
+                .zip(&kept)
+                .filter_map(|(id, kept)| (!kept).then_some(id))
+                .collect();
+            let received: Vec<&Received> = events.iter().collect();
+            log_applied(&received, &refused);
+            if !applied.is_empty() {
+                self.parked(generation)
+                    .delete_many(doc! { "_id": { "$in": &applied } })
+                    .await?;
+            }
+            unparked.applied += applied.len();
+            unparked.still_parked += refused.len();
+            if refused.is_empty() {
+                parked_shows.remove(&show_id);
+            }
+        }
+        for (reason, ids) in &stays {
+            let ids: Vec<&String> = ids.iter().collect();
+            self.still_parked(generation, &ids, reason).await?;
+        }
+        Ok(unparked)
+    }
+
+    /// Records why parked events are still parked after an attempt.
+    async fn still_parked(
+        &self,
+        generation: u32,
+        ids: &[&String],
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.parked(generation)
+            .update_many(
+                doc! { "_id": { "$in": ids } },
+                doc! { "$set": { "reason": reason, "retried_at": DateTime::now() } },
+            )
+            .await?;
+        Ok(())
     }
 
     /// How many events `generation` has parked.
@@ -464,7 +701,7 @@ impl ReadStore {
             let mut models = loaded.models.clone();
             let mut applied = Applied::default();
             let mut changed_seats: BTreeMap<String, BTreeMap<String, SeatChange>> = BTreeMap::new();
-            for event in events {
+            for (index, event) in events.iter().enumerate() {
                 match models.apply_seat_aware(event) {
                     Ok(Some(Some((block, change)))) => {
                         applied.changed += 1;
@@ -482,6 +719,7 @@ impl ReadStore {
                     // stopping would starve every other show of updates.
                     Err(error) => {
                         applied.rejected += 1;
+                        applied.refused.push((index, error.to_string()));
                         tracing::error!(%error, position = event.global_position, "event left out of the read models");
                     }
                 }
@@ -992,10 +1230,41 @@ struct Loaded {
     models: Models,
 }
 
+/// What follows a request through: the request ids of the events that
+/// reached the read models, one line per batch, and each event at debug
+/// level. `refused` are indices into `events` that did not.
+fn log_applied(events: &[&Received], refused: &[(usize, String)]) {
+    let mut requests = BTreeSet::new();
+    for (index, received) in events.iter().enumerate() {
+        if refused.iter().any(|(r, _)| *r == index) {
+            continue;
+        }
+        let event = &received.event;
+        let metadata = |key| event.metadata.get(key).map(String::as_str);
+        if let Some(id) = metadata("correlation_id") {
+            requests.insert(id);
+        }
+        tracing::debug!(
+            correlation_id = metadata("correlation_id"),
+            user_id = metadata("user_id"),
+            stream = %format_args!("{}/{}", event.aggregate_type, event.aggregate_id),
+            sequence = event.sequence,
+            partition = received.partition,
+            offset = received.offset,
+            "event applied"
+        );
+    }
+    if !requests.is_empty() {
+        let ids: Vec<&str> = requests.into_iter().collect();
+        tracing::info!(correlation_ids = %ids.join(","), "events of these requests applied");
+    }
+}
+
 fn add(mut total: Applied, more: Applied) -> Applied {
     total.changed += more.changed;
     total.skipped += more.skipped;
     total.rejected += more.rejected;
+    total.refused.extend(more.refused);
     total.written += more.written;
     total.parked += more.parked;
     total

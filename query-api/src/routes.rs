@@ -247,6 +247,12 @@ pub struct BookingView {
     pub created_at: String,
     /// When it last changed.
     pub updated_at: String,
+    /// Once cancelled: `buyer` (the buyer themselves), `staff` (an admin
+    /// for them) or `unrecorded` (tokens not checked, or cancelled before
+    /// the box office recorded who).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub cancelled_by: Option<String>,
 }
 
 /// `GET /users/{id}/bookings`.
@@ -706,6 +712,13 @@ fn view_of(booking: &BookingDoc) -> BookingView {
         expires_at: booking.expires_at.clone(),
         created_at: booking.created_at.clone(),
         updated_at: booking.updated_at.clone(),
+        cancelled_by: match (status, &booking.cancelled_by) {
+            (_, Some(by)) => Some(by.clone()),
+            // A booking a projector before version 2 wrote, until a replay
+            // reads its event again.
+            (domain::BookingState::Cancelled, None) => Some("unrecorded".to_owned()),
+            (_, None) => None,
+        },
     }
 }
 

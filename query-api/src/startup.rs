@@ -24,7 +24,6 @@ use mongodb::{Collection, Database};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
 use crate::live::{Live, LiveSettings};
@@ -338,7 +337,11 @@ pub fn router(reads: Reads, live: Live, seat_map: SeatMap, access: Access) -> Ro
         .route("/bookings/{id}", get(routes::booking))
         .route("/users/{id}/bookings", get(routes::user_bookings))
         .route("/healthz", get(|| async { StatusCode::OK }))
-        .route("/readyz", get(readyz).with_state((reads.clone(), live)))
+        .route(
+            "/readyz",
+            get(readyz).with_state((reads.clone(), live.clone())),
+        )
+        .route("/metrics", get(metrics).with_state(live))
         .route(
             "/openapi.json",
             get(|| async { Json(routes::ApiDoc::openapi()) }),
@@ -354,9 +357,16 @@ pub fn router(reads: Reads, live: Live, seat_map: SeatMap, access: Access) -> Ro
         // outlives the grace a replaced generation is kept for.
         .layer(middleware::from_fn(move |request, next| {
             service_kit::http::within(limit, request, next)
-        }))
-        .layer(TraceLayer::new_for_http().make_span_with(service_kit::http::request_span));
+        }));
+    let router = service_kit::http::observed(router);
     service_kit::http::with_request_ids(router).with_state(reads)
+}
+
+/// `GET /metrics`, with the live streams open now.
+async fn metrics(State(live): State<Live>) -> axum::response::Response {
+    #[allow(clippy::cast_precision_loss)] // a count of connections
+    metrics::gauge!("sse_subscribers").set(live.subscribers() as f64);
+    service_kit::metrics::render().await
 }
 
 /// `GET /readyz`: 200 while MongoDB answers, else 503.

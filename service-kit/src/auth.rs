@@ -500,8 +500,8 @@ impl Access {
 
 /// Paths never rate limited: probes of orchestrators and balancers, which
 /// come often and from few addresses, and must not make a healthy service
-/// look down.
-const PROBES: [&str; 2] = ["/healthz", "/readyz"];
+/// look down; and Prometheus's scrapes.
+const PROBES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// The layer in front of every route: reads the caller's token (a request
 /// without one, or with a bad one, goes on as anonymous: open routes take

@@ -4,6 +4,7 @@ use axum::extract::MatchedPath;
 use axum::http::{HeaderName, Request};
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 /// The header that names a request in the logs, and in its answer.
@@ -41,6 +42,19 @@ async fn drop_unusable_request_id(
         request.headers_mut().remove(&REQUEST_ID);
     }
     next.run(request).await
+}
+
+/// Logs, counts and times every request of `router` (its routes so far and
+/// its fallback): the request span, and the request in
+/// [`crate::metrics::HTTP_REQUESTS`] and [`crate::metrics::HTTP_DURATION`].
+/// Layered after the time limit and the auth guard, so that their refusals
+/// are logged and counted too.
+pub fn observed<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    // Installed before the first request, so that nothing counted is lost.
+    crate::metrics::handle();
+    router
+        .layer(axum::middleware::from_fn(crate::metrics::track))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
 }
 
 /// The span of one request: method and matched route (`/bookings/{id}`,

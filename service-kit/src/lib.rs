@@ -3,12 +3,14 @@
 //! cancellation token fired by SIGTERM or Ctrl-C, the waits between retries
 //! ([`backoff`]), the connections to Postgres and MongoDB ([`connect`]),
 //! problem documents ([`problem`]), the span of an HTTP request ([`http`])
-//! the caller's verified identity ([`auth`]) and its rate ([`rate_limit`]).
+//! the caller's verified identity ([`auth`]) and its rate ([`rate_limit`]),
+//! and the process's Prometheus metrics ([`metrics`]).
 
 pub mod auth;
 pub mod backoff;
 pub mod connect;
 pub mod http;
+pub mod metrics;
 pub mod problem;
 pub mod rate_limit;
 

@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod http;
 pub mod kafka;
 pub mod log_order;
+pub mod metrics;
 pub mod openapi;
 pub mod sse;
 pub mod system;

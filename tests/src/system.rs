@@ -230,6 +230,83 @@ impl System {
         Ok(answer)
     }
 
+    /// Creates a show of `sections`, each `(name, rows of (row, seats))`,
+    /// through command-api, and waits until query-api has it.
+    ///
+    /// # Errors
+    /// Any answer but a 201, or the show not readable within 10 s.
+    pub async fn create_show(&self, sections: &[(&str, &[(&str, u32)])]) -> anyhow::Result<String> {
+        let sections: Vec<Value> = sections
+            .iter()
+            .map(|(name, rows)| {
+                let rows: Vec<Value> = rows
+                    .iter()
+                    .map(|(row, seats)| serde_json::json!({"row": row, "seats": seats}))
+                    .collect();
+                serde_json::json!({"name": name, "price_cents": 5000, "rows": rows})
+            })
+            .collect();
+        let created = crate::http::Answer::of(
+            self.http
+                .post(format!("{}/shows", self.command_url))
+                .json(&serde_json::json!({"name": "Live", "venue": "Hall",
+                    "starts_at": "2027-05-01T19:00:00Z", "sections": sections}))
+                .send()
+                .await?,
+        )
+        .await?;
+        ensure!(
+            created.status == reqwest::StatusCode::CREATED,
+            "POST /shows: {} {}",
+            created.status,
+            created.body
+        );
+        let show = created.body["show_id"]
+            .as_str()
+            .context("no show_id")?
+            .to_owned();
+        let started = Instant::now();
+        loop {
+            let read = self
+                .http
+                .get(format!("{}/shows/{show}", self.query_url))
+                .send()
+                .await?;
+            if read.status() == reqwest::StatusCode::OK {
+                return Ok(show);
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "the show never reached the read side"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The Kafka topic the relay publishes to and the projector reads.
+    pub fn topic(&self) -> &str {
+        &self.mongodb_database
+    }
+
+    /// The series a service's `GET /metrics` shows now.
+    ///
+    /// # Errors
+    /// Any answer but a 200, or text that is not Prometheus's format.
+    pub async fn metrics(&self, service: Service) -> anyhow::Result<crate::metrics::Scrape> {
+        let answer = self
+            .http
+            .get(format!("{}/metrics", self.base_url(service)))
+            .send()
+            .await?;
+        ensure!(
+            answer.status() == reqwest::StatusCode::OK,
+            "GET /metrics of {}: {}",
+            service.binary(),
+            answer.status()
+        );
+        crate::metrics::Scrape::parse(&answer.text().await?)
+    }
+
     fn base_url(&self, service: Service) -> &str {
         match service {
             Service::CommandApi => &self.command_url,
@@ -358,6 +435,27 @@ impl System {
             self.logs.join("replay.log").display()
         );
         Ok(())
+    }
+
+    /// Runs `projector <args>` to the end, as an operator would, and
+    /// returns what it printed on stdout (its log goes to `<args>.log`).
+    ///
+    /// # Errors
+    /// When it cannot run or fails.
+    pub async fn projector_command(&self, args: &[&str]) -> anyhow::Result<String> {
+        let log = format!("{}.log", args.join("-"));
+        let mut command = self.command("projector", &log)?;
+        command.args(args).stdout(Stdio::piped());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await?
+            .context("cannot run the projector")?;
+        ensure!(
+            output.status.success(),
+            "projector {args:?} exited with {}; see {}",
+            output.status,
+            self.logs.join(log).display()
+        );
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Stops every service with SIGTERM, then drops the test's databases.

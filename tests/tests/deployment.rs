@@ -91,7 +91,9 @@ fn compose_runs_every_service_wired_as_make_up_wires_it() -> anyhow::Result<()> 
             "mongo",
             "command-api",
             "projector",
-            "query-api"
+            "query-api",
+            "prometheus",
+            "grafana"
         ])
     );
 
@@ -103,6 +105,8 @@ fn compose_runs_every_service_wired_as_make_up_wires_it() -> anyhow::Result<()> 
         ("command-api", 8081),
         ("query-api", 8082),
         ("projector", 8083),
+        ("prometheus", 9090),
+        ("grafana", 3000),
     ];
     for (name, port) in ports {
         let svc = service(&compose, name)?;
@@ -217,6 +221,97 @@ fn compose_runs_every_service_wired_as_make_up_wires_it() -> anyhow::Result<()> 
     // The relay inside command-api creates the topic the projector subscribes to.
     assert_eq!(needs("projector")?, healthy(&["command-api", "mongo"]));
     assert_eq!(needs("query-api")?, healthy(&["mongo"]));
+    Ok(())
+}
+
+/// Prometheus scrapes the three services where compose runs them, and
+/// Grafana loads the on-sale dashboard, whose queries name the series the
+/// services write (docs/api.md, "Metrics").
+#[test]
+fn compose_scrapes_every_service_and_shows_the_on_sale_dashboard() -> anyhow::Result<()> {
+    let compose: Value = yaml_serde::from_str(&repo_file("docker-compose.yml")?)?;
+    // Every file a container mounts is in the repository.
+    for name in ["prometheus", "grafana"] {
+        for volume in strings(&service(&compose, name)?["volumes"]) {
+            let local = volume.split(':').next().unwrap_or_default();
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(local);
+            ensure!(path.exists(), "{name} mounts {local}, which is missing");
+        }
+    }
+    assert_eq!(
+        service(&compose, "prometheus")?["depends_on"]
+            .as_mapping()
+            .map(|m| m.keys().filter_map(Value::as_str).collect::<BTreeSet<_>>()),
+        Some(BTreeSet::from(["command-api", "projector", "query-api"]))
+    );
+
+    let prometheus: Value = yaml_serde::from_str(&repo_file("deploy/prometheus/prometheus.yml")?)?;
+    let targets: BTreeMap<String, Vec<String>> = prometheus["scrape_configs"]
+        .as_sequence()
+        .context("no scrape_configs")?
+        .iter()
+        .filter_map(|job| {
+            let name = job["job_name"].as_str()?.to_owned();
+            let targets = job["static_configs"]
+                .as_sequence()?
+                .iter()
+                .flat_map(|c| strings(&c["targets"]))
+                .collect();
+            Some((name, targets))
+        })
+        .collect();
+    for (name, port) in [
+        ("command-api", 8081),
+        ("query-api", 8082),
+        ("projector", 8083),
+    ] {
+        assert_eq!(
+            targets.get(name),
+            Some(&vec![format!("{name}:{port}")]),
+            "{name}"
+        );
+        let env = environment(service(&compose, name)?);
+        assert!(
+            env.values().any(|v| v == &format!("0.0.0.0:{port}")),
+            "{name} listens where Prometheus scrapes it"
+        );
+    }
+    let datasource: Value = yaml_serde::from_str(&repo_file(
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+    )?)?;
+    assert_eq!(
+        datasource["datasources"][0]["url"].as_str(),
+        Some("http://prometheus:9090")
+    );
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&repo_file("deploy/grafana/dashboards/on-sale.json")?)?;
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .context("no panels")?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    for series in [
+        "bookings_total",
+        "http_request_duration_seconds_bucket",
+        "relay_lag_events",
+        "relay_lag_seconds",
+        "projector_lag_events",
+        "projector_parked_events",
+        "sse_subscribers",
+    ] {
+        assert!(
+            queries.iter().any(|q| q.contains(series)),
+            "the dashboard shows no {series}: {queries:?}"
+        );
+    }
+    assert!(queries
+        .iter()
+        .any(|q| q.contains("histogram_quantile(0.99") && q.contains("by (le")));
     Ok(())
 }
 

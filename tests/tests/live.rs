@@ -7,61 +7,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
 use ticketing_tests::http::Answer;
 use ticketing_tests::sse::{EventStream, SeatMap, SseEvent};
 use ticketing_tests::system::{System, SystemSettings};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A show of `sections`, each `(name, rows of (row, seats))`.
-async fn create_show(
-    system: &System,
-    sections: &[(&str, &[(&str, u32)])],
-) -> anyhow::Result<String> {
-    let sections: Vec<Value> = sections
-        .iter()
-        .map(|(name, rows)| {
-            let rows: Vec<Value> = rows
-                .iter()
-                .map(|(row, seats)| json!({"row": row, "seats": seats}))
-                .collect();
-            json!({"name": name, "price_cents": 5000, "rows": rows})
-        })
-        .collect();
-    let created = Answer::of(
-        system
-            .http
-            .post(format!("{}/shows", system.command_url))
-            .json(
-                &json!({"name": "Live", "venue": "Hall", "starts_at": "2027-05-01T19:00:00Z",
-                          "sections": sections}),
-            )
-            .send()
-            .await?,
-    )
-    .await?;
-    ensure!(
-        created.status == StatusCode::CREATED,
-        "POST /shows: {} {}",
-        created.status,
-        created.body
-    );
-    let show = created.body["show_id"]
-        .as_str()
-        .context("no show_id")?
-        .to_owned();
-    // Until the read side has it: a stream of an unknown show is a 404.
-    let started = Instant::now();
-    while get(system, &format!("/shows/{show}")).await?.status != StatusCode::OK {
-        ensure!(
-            started.elapsed() < WAIT,
-            "the show never reached the read side"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(show)
-}
 
 async fn get(system: &System, path: &str) -> anyhow::Result<Answer> {
     Answer::of(
@@ -133,11 +83,9 @@ fn is(map: &SeatMap, label: &str, status: &str) -> bool {
 #[tokio::test]
 async fn every_subscriber_gets_each_change_once_the_reads_have_it() -> anyhow::Result<()> {
     let system = System::start(SystemSettings::default()).await?;
-    let show = create_show(
-        &system,
-        &[("VIP", &[("A", 10)]), ("Floor", &[("B", 20), ("C", 20)])],
-    )
-    .await?;
+    let show = system
+        .create_show(&[("VIP", &[("A", 10)]), ("Floor", &[("B", 20), ("C", 20)])])
+        .await?;
     let url = stream_url(&system, &show);
 
     // Refusals come before any stream, as problems.
@@ -280,7 +228,9 @@ async fn every_subscriber_gets_each_change_once_the_reads_have_it() -> anyhow::R
 #[tokio::test]
 async fn a_client_that_resumes_misses_nothing() -> anyhow::Result<()> {
     let system = System::start(SystemSettings::default()).await?;
-    let show = create_show(&system, &[("Stalls", &[("A", 20), ("B", 20)])]).await?;
+    let show = system
+        .create_show(&[("Stalls", &[("A", 20), ("B", 20)])])
+        .await?;
     let url = stream_url(&system, &show);
     let mut stream = EventStream::must_open(&streams(), &url, None).await?;
     let mut map = SeatMap::default();
@@ -384,7 +334,7 @@ async fn ids_grow_and_a_quiet_stream_gets_heartbeats() -> anyhow::Result<()> {
         ..SystemSettings::default()
     })
     .await?;
-    let show = create_show(&system, &[("Stalls", &[("A", 20)])]).await?;
+    let show = system.create_show(&[("Stalls", &[("A", 20)])]).await?;
     let mut stream = EventStream::must_open(&streams(), &stream_url(&system, &show), None).await?;
     let mut map = SeatMap::default();
     let snapshot = stream.must_next(WAIT).await?;
@@ -440,7 +390,7 @@ async fn a_lapsed_hold_shows_available_within_a_second() -> anyhow::Result<()> {
         env: vec![("SWEEP_EVERY_SECS", "3600".to_owned())],
     })
     .await?;
-    let show = create_show(&system, &[("Stalls", &[("A", 10)])]).await?;
+    let show = system.create_show(&[("Stalls", &[("A", 10)])]).await?;
     let url = stream_url(&system, &show);
     let mut stream = EventStream::must_open(&streams(), &url, None).await?;
     let mut map = SeatMap::default();

@@ -175,14 +175,15 @@ impl Writes {
             .map(|row| {
                 let aggregate_type: String = row.try_get("aggregate_type")?;
                 let payload: Value = row.try_get("payload")?;
-                let decoded = domain::AnyEvent::decode(&aggregate_type, &payload)?;
+                let event_version: String = row.try_get("event_version")?;
+                let decoded = domain::AnyEvent::decode(&aggregate_type, &event_version, &payload)?;
                 Ok(PublishedEvent {
                     envelope_version: 1,
                     aggregate_type,
                     aggregate_id: row.try_get("aggregate_id")?,
                     sequence: u64::try_from(row.try_get::<i64, _>("sequence")?)?,
                     event_type: row.try_get("event_type")?,
-                    event_version: row.try_get("event_version")?,
+                    event_version,
                     global_position: row.try_get("global_position")?,
                     show_id: decoded.show_id(),
                     recorded_at: row.try_get("recorded_at")?,
