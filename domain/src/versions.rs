@@ -65,7 +65,14 @@ pub fn readable(event_type: &str, version: &str) -> Result<(), VersionError> {
 /// The versions from `version` to the current one of `event_type`.
 fn span(event_type: &str, version: &str) -> Result<(u32, u32), VersionError> {
     let current = current(event_type);
-    let number = |v: &str| v.parse::<u32>().ok().filter(|n| *n >= 1);
+    // `2` or `2.0` (the form cqrs-es's examples write): whole versions only.
+    let number = |v: &str| {
+        v.strip_suffix(".0")
+            .unwrap_or(v)
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n >= 1)
+    };
     let (Some(at), Some(target)) = (number(version), number(current)) else {
         return Err(VersionError::Unknown {
             event_type: event_type.to_owned(),
@@ -161,6 +168,8 @@ mod tests {
             Ok(std::borrow::Cow::Borrowed(_))
         ));
         assert!(readable("BookingCancelled", "2").is_ok());
+        assert!(readable("ShowCreated", "1.0").is_ok());
+        assert!(readable("ShowCreated", "1.5").is_err());
         assert!(readable("BookingCancelled", "3").is_err());
         let held = json!({"SeatHeld": {"label": "A1"}});
         assert_eq!(upcast("1", held.clone()), Ok(held));

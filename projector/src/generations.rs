@@ -282,6 +282,12 @@ impl Generations {
         self.unparks()
             .update_many(doc! { "_id": { "$in": ids } }, doc! { "$set": done })
             .await?;
+        // Answers are read by the `projector unpark` waiting for them, within
+        // minutes: a day later they are only clutter.
+        let day_ago = DateTime::from_millis(DateTime::now().timestamp_millis() - 86_400_000);
+        self.unparks()
+            .delete_many(doc! { "done_at": { "$lt": day_ago } })
+            .await?;
         Ok(())
     }
 
