@@ -18,11 +18,14 @@
 
 use serde_json::Value;
 
-/// The version an event type is written in now.
-pub fn current(event_type: &str) -> &'static str {
+/// The version an event type is written in now; `None` for a type this
+/// release does not have (added by a later one).
+pub fn current(event_type: &str) -> Option<&'static str> {
     match event_type {
-        "BookingCancelled" => "2",
-        _ => "1",
+        "BookingCancelled" => Some("2"),
+        "ShowCreated" | "SeatHeld" | "SeatBooked" | "SeatReleased" | "BookingHeld"
+        | "BookingPlaced" | "BookingConfirmed" | "BookingExpired" => Some("1"),
+        _ => None,
     }
 }
 
@@ -39,6 +42,13 @@ pub enum VersionError {
         version: String,
         /// The version this release writes.
         current: &'static str,
+    },
+    /// A type this release does not have: added by a later one, as far as
+    /// this release can tell.
+    #[error("{event_type} is an event type this release does not know")]
+    UnknownType {
+        /// Its type.
+        event_type: String,
     },
     /// Not a version at all.
     #[error("{event_type} has no version {version:?}")]
@@ -64,7 +74,9 @@ pub fn readable(event_type: &str, version: &str) -> Result<(), VersionError> {
 
 /// The versions from `version` to the current one of `event_type`.
 fn span(event_type: &str, version: &str) -> Result<(u32, u32), VersionError> {
-    let current = current(event_type);
+    let current = current(event_type).ok_or_else(|| VersionError::UnknownType {
+        event_type: event_type.to_owned(),
+    })?;
     // `2` or `2.0` (the form cqrs-es's examples write): whole versions only.
     let number = |v: &str| {
         v.strip_suffix(".0")
@@ -112,6 +124,14 @@ fn tag_of(payload: &Value) -> Result<&str, VersionError> {
         _ => None,
     }
     .ok_or(VersionError::NotTagged)
+}
+
+impl VersionError {
+    /// Whether a later release may well read it (a newer version, a newer
+    /// type): published and parked, never taken for a corrupt log.
+    pub fn is_from_a_later_release(&self) -> bool {
+        matches!(self, Self::Newer { .. } | Self::UnknownType { .. })
+    }
 }
 
 /// `payload` (`{"<event type>": {...}}`), written as `version` of its type,
@@ -170,6 +190,8 @@ mod tests {
         assert!(readable("BookingCancelled", "2").is_ok());
         assert!(readable("ShowCreated", "1.0").is_ok());
         assert!(readable("ShowCreated", "1.5").is_err());
+        let later = readable("SeatSwapped", "1");
+        assert!(later.is_err_and(|e| e.is_from_a_later_release()));
         assert!(readable("BookingCancelled", "3").is_err());
         let held = json!({"SeatHeld": {"label": "A1"}});
         assert_eq!(upcast("1", held.clone()), Ok(held));

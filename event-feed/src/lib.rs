@@ -24,7 +24,6 @@ use std::str::FromStr;
 use anyhow::{ensure, Context};
 use chrono::{DateTime, Utc};
 use domain::envelope::{EnvelopeError, ENVELOPE_VERSION};
-use domain::versions::VersionError;
 use domain::{AnyEvent, PublishedEvent};
 use serde::{Serialize, Serializer};
 use sqlx::encode::IsNull;
@@ -195,10 +194,11 @@ fn committed(row: &sqlx::postgres::PgRow) -> anyhow::Result<Committed> {
         Ok(decoded) => decoded.show_id(),
         // Written by a later release: published as it is (its consumers
         // know the version, or park it), routed by the show it names.
-        Err(EnvelopeError::Version(VersionError::Newer { .. })) => show_id_named(&payload)
-            .with_context(|| {
+        Err(EnvelopeError::Version(later)) if later.is_from_a_later_release() => {
+            show_id_named(&payload).with_context(|| {
                 format!("event {aggregate_type} {aggregate_id}#{sequence} names no show")
-            })?,
+            })?
+        }
         Err(error) => {
             return Err(anyhow::Error::new(error).context(format!(
                 "event {aggregate_type} {aggregate_id}#{sequence} does not decode"

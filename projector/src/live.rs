@@ -121,7 +121,7 @@ pub const APPLIED: &str = "projector_events_applied_total";
 pub const LAG_EVENTS: &str = "projector_lag_events";
 /// How often the live run measures its lag: a broker round trip.
 const LAG_EVERY: Duration = Duration::from_secs(1);
-/// Longest a lag measure waits for the broker, for each partition.
+/// Longest a lag measure waits for the broker.
 const LAG_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Shared view of the projection's progress.
@@ -255,8 +255,10 @@ impl Projection {
                     tracing::error!(generation, "{message}");
                     self.status.update(|r| {
                         r.role = Role::Standby;
+                        r.lag_events = None;
                         r.last_error = Some(message);
                     });
+                    metrics::gauge!(LAG_EVENTS).set(0.0);
                     pause(&stop, Duration::from_secs(5)).await;
                     continue;
                 }
@@ -597,13 +599,19 @@ impl Projection {
     ) -> bool {
         let mut backoff = Backoff::default();
         loop {
-            match self
-                .store
-                .apply_parking(generation, &batch.received, parked_shows)
-                .await
-            {
+            // Parked before the batch counts as applied: a message lost here
+            // would be lost for good once the offsets move past it.
+            let parked = match self.park_undecodable(generation, batch).await {
+                Ok(()) => {
+                    self.store
+                        .apply_parking(generation, &batch.received, parked_shows)
+                        .await
+                }
+                Err(error) => Err(error),
+            };
+            match parked {
                 Ok(applied) => {
-                    let undecodable = self.park_undecodable(generation, batch).await;
+                    let undecodable = batch.undecodable.len();
                     // Refused events are parked, and counted there;
                     // undecodable messages are not among those received.
                     metrics::counter!(APPLIED)
@@ -655,11 +663,19 @@ impl Projection {
                     still_parked = unparked.still_parked,
                     "parked events applied again"
                 );
+                metrics::counter!(APPLIED).increment(unparked.applied as u64);
                 let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
                 doc! {
                     "applied": count(unparked.applied),
                     "still_parked": count(unparked.still_parked),
                 }
+            }
+            // Left waiting: the next pass tries again (what was applied
+            // stays applied, and is found so).
+            Err(error) if error.is_transient() => {
+                *parked_shows = before;
+                self.failed(&error);
+                return None;
             }
             Err(error) => {
                 tracing::warn!(%error, generation, "unparking failed; what was applied stays");
@@ -708,9 +724,11 @@ impl Projection {
         let status = self.status.clone();
         let measuring = Arc::clone(&self.measuring_lag);
         tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + LAG_TIMEOUT;
             let mut lag = Some(0);
             for (partition, offset) in next {
-                match consumer.fetch_watermarks(&topic, partition, LAG_TIMEOUT) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match consumer.fetch_watermarks(&topic, partition, left) {
                     Ok((_, end)) => lag = lag.map(|sum| sum + (end - offset).max(0)),
                     Err(error) => {
                         tracing::debug!(%error, partition, "lag not measured");
@@ -728,18 +746,17 @@ impl Projection {
         });
     }
 
-    /// Parks the messages of `batch` that are not events at all; how many.
-    async fn park_undecodable(&self, generation: u32, batch: &Batch) -> usize {
+    /// Parks the messages of `batch` that are not events at all.
+    ///
+    /// # Errors
+    /// MongoDB errors: the batch is then tried again.
+    async fn park_undecodable(&self, generation: u32, batch: &Batch) -> Result<(), StoreError> {
         for (partition, offset, reason, message) in &batch.undecodable {
-            if let Err(error) = self
-                .store
+            self.store
                 .park_message(generation, *partition, *offset, reason, message)
-                .await
-            {
-                tracing::warn!(%error, partition, offset, "could not park an undecodable message");
-            }
+                .await?;
         }
-        batch.undecodable.len()
+        Ok(())
     }
 
     /// Saves offsets, retrying while MongoDB is unreachable. `None` when

@@ -157,6 +157,9 @@ pub struct Unparked {
     pub still_parked: usize,
 }
 
+/// Why an event is parked that could be applied itself.
+const HELD_BACK: &str = "an earlier event of this show is parked";
+
 /// The member of a parked message that is not an envelope: its bytes.
 const PARKED_MESSAGE: &str = "message";
 
@@ -428,12 +431,7 @@ impl ReadStore {
             }
         }
         if !held_back.is_empty() {
-            self.park(
-                generation,
-                &held_back,
-                "an earlier event of this show is parked",
-            )
-            .await?;
+            self.park(generation, &held_back, HELD_BACK).await?;
             applied.parked += held_back.len();
         }
         let events: Vec<PublishedEvent> = rest.iter().map(|r| r.event.clone()).collect();
@@ -618,7 +616,31 @@ impl ReadStore {
                     offset: parked.offset,
                 });
         }
-        for (show_id, events) in by_show {
+        for events in by_show.into_values() {
+            // Up to the first event this release still cannot read: the
+            // show's later events go on waiting for it, in order.
+            let cut = events
+                .iter()
+                .position(|r| {
+                    domain::versions::readable(&r.event.event_type, &r.event.event_version).is_err()
+                })
+                .unwrap_or(events.len());
+            let (events, waiting) = events.split_at(cut);
+            for (index, later) in waiting.iter().enumerate() {
+                let reason = match (
+                    index,
+                    domain::versions::readable(&later.event.event_type, &later.event.event_version),
+                ) {
+                    (0, Err(error)) => error.to_string(),
+                    _ => HELD_BACK.to_owned(),
+                };
+                let id = paths::parked_id(later.partition, later.offset);
+                stays.entry(reason).or_default().push(id);
+                unparked.still_parked += 1;
+            }
+            if events.is_empty() {
+                continue;
+            }
             let ids: Vec<String> = events
                 .iter()
                 .map(|r| paths::parked_id(r.partition, r.offset))
@@ -650,14 +672,20 @@ impl ReadStore {
             }
             unparked.applied += applied.len();
             unparked.still_parked += refused.len();
-            if refused.is_empty() {
-                parked_shows.remove(&show_id);
-            }
         }
         for (reason, ids) in &stays {
             let ids: Vec<&String> = ids.iter().collect();
             self.still_parked(generation, &ids, reason).await?;
         }
+        // A show stays held back while it has events parked, and only then:
+        // also mends a set an earlier unpark applied but could not save.
+        let still: BTreeSet<String> = self
+            .parked_events(generation)
+            .await?
+            .into_iter()
+            .filter_map(|parked| parked.show_id)
+            .collect();
+        parked_shows.retain(|show| still.contains(show));
         Ok(unparked)
     }
 

@@ -36,7 +36,12 @@ async fn metadata_by_stream(system: &System) -> anyhow::Result<BTreeMap<String, 
 async fn each_event_names_its_request_and_user_through_to_the_projector() -> anyhow::Result<()> {
     let system = System::start(SystemSettings {
         hold_secs: 1,
-        env: vec![("RUST_LOG", "info,projector::store=debug".to_owned())],
+        env: vec![
+            ("RUST_LOG", "info,projector::store=debug".to_owned()),
+            // One group at a time: bookings arriving while one commits
+            // queue up and are appended together.
+            ("COMMAND_BATCHES", "1".to_owned()),
+        ],
     })
     .await?;
     let show = system.create_show(&[("Floor", &[("A", 20)])]).await?;
@@ -183,6 +188,12 @@ async fn each_event_names_its_request_and_user_through_to_the_projector() -> any
         ensure!(
             parts[2] == format!("{:016x}", message.event.global_position),
             "{traceparent}: the span is the event"
+        );
+        // The request id is not a UUID: the trace is the UUID derived from it.
+        let trace = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, first_id.as_bytes());
+        ensure!(
+            parts[1] == trace.simple().to_string(),
+            "{traceparent}: the trace is the request"
         );
     }
 

@@ -16,18 +16,20 @@ use ticketing_tests::system::{Service, System, SystemSettings};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn produce(topic: &str, key: &str, body: &[u8]) -> anyhow::Result<()> {
+/// Puts `body` on partition 0 of `topic`; its offset there.
+async fn produce(topic: &str, key: &str, body: &[u8]) -> anyhow::Result<i64> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .create()?;
-    producer
+    let delivered = producer
         .send(
             FutureRecord::to(topic).partition(0).key(key).payload(body),
             Duration::from_secs(10),
         )
         .await
         .map_err(|(error, _)| error)?;
-    Ok(())
+    ensure!(delivered.partition == 0);
+    Ok(delivered.offset)
 }
 
 async fn get(system: &System, path: &str) -> anyhow::Result<(StatusCode, Value)> {
@@ -120,8 +122,8 @@ async fn a_message_that_cannot_be_applied_is_parked_and_unparked_after_a_fix() -
 
     // A message that is no envelope, and a seat event of a show never
     // created: both parked, with the reason and where they were.
-    produce(system.topic(), "garbage", b"{not an envelope").await?;
-    produce(system.topic(), &other, orphan_seat.as_bytes()).await?;
+    let garbage_at = produce(system.topic(), "garbage", b"{not an envelope").await?;
+    let orphan_at = produce(system.topic(), &other, orphan_seat.as_bytes()).await?;
     parked_until(&system, 2.0).await?;
 
     // Nothing else stalls: the next booking reaches the reads.
@@ -157,10 +159,10 @@ async fn a_message_that_cannot_be_applied_is_parked_and_unparked_after_a_fix() -
         "{orphan}"
     );
     ensure!(orphan["event"].as_str().is_some_and(|e| e.contains(&other)));
-    for parked in &listed {
+    for (parked, offset) in [(garbage, garbage_at), (orphan, orphan_at)] {
         ensure!(
-            parked["partition"] == 0 && parked["offset"].as_i64().is_some(),
-            "{parked}"
+            parked["partition"] == 0 && parked["offset"] == offset,
+            "{parked} was produced at 0:{offset}"
         );
     }
     // The relay's first seat event is the first booking's.
@@ -199,5 +201,75 @@ async fn a_message_that_cannot_be_applied_is_parked_and_unparked_after_a_fix() -
         again["applied"] == 0 && again["still_parked"] == 1,
         "{again}"
     );
+    system.stop().await
+}
+
+/// An event of a version this release does not know, as a later release
+/// would write it: the relay publishes it as it is, and the projector parks
+/// it with every later event of its show, in order, while the other shows
+/// go on. Unparking on this release keeps them all parked.
+#[tokio::test]
+async fn an_event_of_a_later_release_holds_its_show_back_in_order() -> anyhow::Result<()> {
+    let system = System::start(SystemSettings::default()).await?;
+    let show = system.create_show(&[("Floor", &[("A", 10)])]).await?;
+    let other = system.create_show(&[("Floor", &[("A", 10)])]).await?;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                             event_version, payload, metadata)
+         VALUES ('Seat', $1, 1, 'SeatBooked', '9', $2, '{}')",
+    )
+    .bind(format!("{show}:A5"))
+    .bind(
+        serde_json::json!({"SeatBooked": {"show_id": show, "label": "A5",
+        "booking_id": uuid::Uuid::new_v4(), "sold_by": "a later release"}}),
+    )
+    .execute(system.postgres()?)
+    .await?;
+    parked_until(&system, 1.0).await?;
+
+    // The show's next events wait behind it; the other show's do not.
+    system.book(&show, &["A6"], false).await?;
+    system.book(&other, &["A6"], false).await?;
+    seats_until(&system, &other, "the other show goes on", |seats| {
+        seats["A6"] == "booked"
+    })
+    .await?;
+    parked_until(&system, 3.0).await?;
+    let (_, seats) = get(&system, &format!("/shows/{show}/availability")).await?;
+    ensure!(
+        seats["seats"]["A6"] == "available",
+        "applied before an event parked ahead of it: {seats}"
+    );
+    let ready: Value = system
+        .http
+        .get(format!("{}/readyz", system.projector_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        ready["projection"]["parked_shows"] == serde_json::json!([show]),
+        "{ready}"
+    );
+    let listed = parked_lines(&system.projector_command(&["parked"]).await?)?;
+    ensure!(
+        listed.len() == 3
+            && listed.iter().any(|p| p["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("newer than this release"))),
+        "{listed:?}"
+    );
+
+    // This release still cannot read it: unparking applies nothing of the
+    // show, in particular nothing past it.
+    let unparked: Value =
+        serde_json::from_str(system.projector_command(&["unpark"]).await?.trim())?;
+    ensure!(
+        unparked["applied"] == 0 && unparked["still_parked"] == 3,
+        "{unparked}"
+    );
+    let (_, seats) = get(&system, &format!("/shows/{show}/availability")).await?;
+    ensure!(seats["seats"]["A6"] == "available", "{seats}");
+    parked_until(&system, 3.0).await?;
     system.stop().await
 }
