@@ -231,8 +231,8 @@ async fn build(
     let events = reading.events;
     anyhow::ensure!(
         refused == 0,
-        "{refused} of the log's {events} events were refused by the read models (logged \
-         above); generation {from} still answers"
+        "{refused} of the log's {events} events were refused by the read models or are \
+         of a later release (each logged above); generation {from} still answers"
     );
     let log_secs = log_started.elapsed().as_secs_f64();
     tracing::info!(

@@ -288,6 +288,20 @@ impl System {
         &self.mongodb_database
     }
 
+    /// The body of a service's `GET /readyz` now, whatever its status.
+    ///
+    /// # Errors
+    /// The service unreachable, or a body that is not JSON.
+    pub async fn readyz(&self, service: Service) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/readyz", self.base_url(service)))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
     /// The series a service's `GET /metrics` shows now.
     ///
     /// # Errors

@@ -82,6 +82,20 @@ async fn an_operator_sees_the_sale_by_route_outcome_and_lag() -> anyhow::Result<
         let answer = post_booking(&system, &keyed, Some("metrics-retry")).await?;
         ensure!(answer.status == StatusCode::CREATED, "{}", answer.body);
     }
+    // A keyed refusal is kept as the key's answer, and counted by its
+    // problem's type; its retry is a replay.
+    let keyed_taken = json!({"show_id": show, "user_id": uuid::Uuid::new_v4(), "seats": ["A2"]});
+    for _ in 0..2 {
+        let answer = post_booking(&system, &keyed_taken, Some("metrics-taken")).await?;
+        answer.is_problem(StatusCode::CONFLICT, "seats-unavailable")?;
+    }
+    // A method the route lacks is counted under the route's template.
+    let wrong_method = system
+        .http
+        .get(format!("{}/bookings", system.command_url))
+        .send()
+        .await?;
+    ensure!(wrong_method.status() == StatusCode::METHOD_NOT_ALLOWED);
     let held_id = held.body["booking_id"].as_str().context("no booking_id")?;
     let confirmed = Answer::of(
         system
@@ -97,8 +111,8 @@ async fn an_operator_sees_the_sale_by_route_outcome_and_lag() -> anyhow::Result<
     for (outcome, count) in [
         ("booked", 2.0),
         ("held", 1.0),
-        ("replayed", 1.0),
-        ("seats-unavailable", 1.0),
+        ("replayed", 2.0),
+        ("seats-unavailable", 2.0),
         ("bad-body", 1.0),
         ("invalid-request", 1.0),
     ] {
@@ -124,6 +138,13 @@ async fn an_operator_sees_the_sale_by_route_outcome_and_lag() -> anyhow::Result<
         command.sum(
             "http_requests_total",
             &[("route", "/bookings/{id}/confirm"), ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        command.sum(
+            "http_requests_total",
+            &[("method", "GET"), ("route", "/bookings"), ("status", "405")]
         ),
         1.0
     );

@@ -66,13 +66,7 @@ async fn parked_until(system: &System, count: f64) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let scrape = system.metrics(Service::Projector).await?;
-        let ready: Value = system
-            .http
-            .get(format!("{}/readyz", system.projector_url))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let ready = system.readyz(Service::Projector).await?;
         let parked = scrape.sum("projector_parked_events", &[]);
         if parked == count && ready["parked_events"].as_f64() == Some(count) {
             return Ok(());
@@ -240,13 +234,7 @@ async fn an_event_of_a_later_release_holds_its_show_back_in_order() -> anyhow::R
         seats["seats"]["A6"] == "available",
         "applied before an event parked ahead of it: {seats}"
     );
-    let ready: Value = system
-        .http
-        .get(format!("{}/readyz", system.projector_url))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let ready = system.readyz(Service::Projector).await?;
     ensure!(
         ready["projection"]["parked_shows"] == serde_json::json!([show]),
         "{ready}"

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ticketing_tests::auth::{bearer, token};
 use ticketing_tests::http::Answer;
-use ticketing_tests::system::{System, SystemSettings};
+use ticketing_tests::system::{Service, System, SystemSettings};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -216,13 +216,7 @@ async fn old_cancellations_load_project_and_replay_beside_new_ones() -> anyhow::
         })
         .await?;
     }
-    let generation: Value = system
-        .http
-        .get(format!("{}/readyz", system.query_url))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let generation = system.readyz(Service::QueryApi).await?;
     ensure!(
         generation["generation"] == 2,
         "the replay switched: {generation}"

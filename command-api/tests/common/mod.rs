@@ -226,7 +226,7 @@ impl LogSummary {
 /// belongs to a live booking that lists it.
 pub async fn check_log(pool: &PgPool) -> anyhow::Result<LogSummary> {
     let rows = sqlx::query(
-        "SELECT aggregate_type, aggregate_id, sequence, payload FROM events
+        "SELECT aggregate_type, aggregate_id, sequence, payload, event_version FROM events
           ORDER BY aggregate_type, aggregate_id, sequence",
     )
     .fetch_all(pool)
@@ -239,7 +239,8 @@ pub async fn check_log(pool: &PgPool) -> anyhow::Result<LogSummary> {
     for row in rows {
         let (kind, id): (String, String) = (row.try_get(0)?, row.try_get(1)?);
         let sequence: i64 = row.try_get(2)?;
-        let payload: Value = row.try_get(3)?;
+        // As every reader does: in the current shape of its type.
+        let payload = domain::versions::upcast(&row.try_get::<String, _>(4)?, row.try_get(3)?)?;
         let previous = last
             .insert((kind.clone(), id.clone()), sequence)
             .unwrap_or(0);
