@@ -173,6 +173,7 @@ Ticketing is up.
   command-api  $COMMAND_URL   (POST; $COMMAND_URL/openapi.json)
   query-api    $QUERY_URL   (GET;  $QUERY_URL/openapi.json)
   projector    $PROJECTOR_URL/readyz
+  metrics      $COMMAND_URL/metrics $QUERY_URL/metrics $PROJECTOR_URL/metrics
   logs         $DIR/*.log
 
 The demo show's seat map, live (paste the token below into it to book):

@@ -122,6 +122,28 @@ async fn the_printed_curl_lines_book_a_seat_and_down_stops_everything() -> anyho
             );
         }
 
+        // Each printed metrics address answers Prometheus's text format.
+        let metrics = printed
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix("metrics"))
+            .context("no metrics line")?;
+        let addresses: Vec<&str> = metrics.split_whitespace().collect();
+        ensure!(addresses.len() == 3, "metrics line: {metrics}");
+        for address in addresses {
+            let answer = reqwest::get(address).await?;
+            ensure!(
+                answer.status() == 200,
+                "{address} answered {}",
+                answer.status()
+            );
+            let text = answer.text().await?;
+            ensure!(
+                text.contains("# TYPE http_requests_total counter"),
+                "{address} is not Prometheus's format: {text}"
+            );
+        }
+
         // The printed seat map is a page, and command-api lets its origin
         // book from the browser.
         let seat_map = printed
