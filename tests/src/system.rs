@@ -230,6 +230,27 @@ impl System {
         Ok(answer)
     }
 
+    /// POSTs `body` to command-api's `path`, with `key` as its
+    /// Idempotency-Key when given, and reads whatever answer comes.
+    ///
+    /// # Errors
+    /// command-api unreachable, or an answer that is not read whole.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        key: Option<&str>,
+    ) -> anyhow::Result<crate::http::Answer> {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.command_url))
+            .json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        crate::http::Answer::of(request.send().await?).await
+    }
+
     /// Creates a show of `sections`, each `(name, rows of (row, seats))`,
     /// through command-api, and waits until query-api has it.
     ///

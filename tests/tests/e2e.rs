@@ -17,25 +17,9 @@ use ticketing_tests::http::Answer;
 use ticketing_tests::system::{Service, System, SystemSettings};
 use uuid::Uuid;
 
-async fn post(
-    system: &System,
-    path: &str,
-    body: &Value,
-    key: Option<&str>,
-) -> anyhow::Result<Answer> {
-    let mut request = system
-        .http
-        .post(format!("{}{path}", system.command_url))
-        .json(body);
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    Answer::of(request.send().await?).await
-}
-
 /// `POST /bookings` without an Idempotency-Key.
 async fn book(system: &System, body: &Value) -> anyhow::Result<Answer> {
-    post(system, "/bookings", body, None).await
+    system.post("/bookings", body, None).await
 }
 
 /// The `booking_id` of a 201.
@@ -74,14 +58,14 @@ async fn create_show(system: &System, rows: &[(&str, u32)]) -> anyhow::Result<(S
                    "rows": [{"row": row, "seats": seats}]})
         })
         .collect();
-    let created = post(
-        system,
-        "/shows",
-        &json!({"name": "Cup Final", "venue": "Stadium", "starts_at": "2027-05-01T15:00:00Z",
+    let created = system
+        .post(
+            "/shows",
+            &json!({"name": "Cup Final", "venue": "Stadium", "starts_at": "2027-05-01T15:00:00Z",
                 "sections": sections}),
-        None,
-    )
-    .await?;
+            None,
+        )
+        .await?;
     ensure!(
         created.status == StatusCode::CREATED,
         "POST /shows: {} {}",
@@ -134,14 +118,14 @@ fn labels(list: &[&str]) -> BTreeSet<String> {
 /// (confirming or cancelling again changes nothing).
 async fn twice(system: &System, id: &str, action: &str) -> anyhow::Result<Answer> {
     let path = format!("/bookings/{id}/{action}");
-    let done = post(system, &path, &json!({}), None).await?;
+    let done = system.post(&path, &json!({}), None).await?;
     ensure!(
         done.status == StatusCode::OK,
         "{action}: {} {}",
         done.status,
         done.body
     );
-    let again = post(system, &path, &json!({}), None).await?;
+    let again = system.post(&path, &json!({}), None).await?;
     ensure!(
         again.status == StatusCode::OK && again.body["status"] == done.body["status"],
         "{action} again: {} {}",
@@ -257,19 +241,17 @@ async fn a_lapsed_hold_frees_its_seat_for_the_next_buyer() -> anyhow::Result<()>
     assert_eq!(seats(&system, &show, &token).await?["A1"], "available");
     let read = get(&system, &format!("/bookings/{id}"), Some(&token)).await?;
     assert_eq!(read.body["status"], "expired", "{}", read.body);
-    let late = post(
-        &system,
-        &format!("/bookings/{id}/confirm"),
-        &json!({}),
-        None,
-    )
-    .await?;
+    let late = system
+        .post(&format!("/bookings/{id}/confirm"), &json!({}), None)
+        .await?;
     assert_eq!(late.status, StatusCode::CONFLICT, "{}", late.body);
     assert_eq!(late.body["booking_status"], "expired");
     assert!(late
         .header("content-type")
         .starts_with("application/problem+json"));
-    let cancel = post(&system, &format!("/bookings/{id}/cancel"), &json!({}), None).await?;
+    let cancel = system
+        .post(&format!("/bookings/{id}/cancel"), &json!({}), None)
+        .await?;
     assert_eq!(cancel.status, StatusCode::CONFLICT, "{}", cancel.body);
 
     let next = book(&system, &booking(&show, &user(), &["A1"], false)).await?;
@@ -294,13 +276,9 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
         let body = booking(&show, &user(), &["A1", "A2"], false);
         let system = &system;
         async move {
-            post(
-                system,
-                "/bookings",
-                &body,
-                Some(&Uuid::new_v4().to_string()),
-            )
-            .await
+            system
+                .post("/bookings", &body, Some(&Uuid::new_v4().to_string()))
+                .await
         }
     });
     let answers = futures::future::try_join_all(racers).await?;
@@ -327,20 +305,20 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
     // A retried booking books once and answers the same.
     let buyer = user();
     let body = booking(&show, &buyer, &["A5"], false);
-    let first = post(&system, "/bookings", &body, Some("retry-1")).await?;
+    let first = system.post("/bookings", &body, Some("retry-1")).await?;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
     for _ in 0..3 {
-        let retry = post(&system, "/bookings", &body, Some("retry-1")).await?;
+        let retry = system.post("/bookings", &body, Some("retry-1")).await?;
         assert_eq!(retry.status, StatusCode::CREATED);
         assert_eq!(retry.body, first.body, "a retry gets the first answer");
     }
-    let reused = post(
-        &system,
-        "/bookings",
-        &booking(&show, &buyer, &["A6"], false),
-        Some("retry-1"),
-    )
-    .await?;
+    let reused = system
+        .post(
+            "/bookings",
+            &booking(&show, &buyer, &["A6"], false),
+            Some("retry-1"),
+        )
+        .await?;
     assert_eq!(
         reused.status,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -416,13 +394,13 @@ async fn conflicts_bad_input_and_retries_change_nothing() -> anyhow::Result<()> 
         ),
         (
             CONFIRM,
-            post(
-                &system,
-                &format!("/bookings/{}/confirm", Uuid::new_v4()),
-                &json!({}),
-                None,
-            )
-            .await?,
+            system
+                .post(
+                    &format!("/bookings/{}/confirm", Uuid::new_v4()),
+                    &json!({}),
+                    None,
+                )
+                .await?,
             StatusCode::NOT_FOUND,
         ),
         (
@@ -516,7 +494,7 @@ async fn post_until_answered(
 ) -> anyhow::Result<Answer> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match post(system, path, body, Some(key)).await {
+        match system.post(path, body, Some(key)).await {
             Ok(answer) if !answer.status.is_server_error() => return Ok(answer),
             Ok(_) | Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -36,21 +36,6 @@ async fn scrape_until(
     }
 }
 
-async fn post_booking(
-    system: &System,
-    body: &serde_json::Value,
-    key: Option<&str>,
-) -> anyhow::Result<Answer> {
-    let mut request = system
-        .http
-        .post(format!("{}/bookings", system.command_url))
-        .json(body);
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    Answer::of(request.send().await?).await
-}
-
 #[tokio::test]
 async fn an_operator_sees_the_sale_by_route_outcome_and_lag() -> anyhow::Result<()> {
     let system = System::start(SystemSettings::default()).await?;
@@ -61,32 +46,40 @@ async fn an_operator_sees_the_sale_by_route_outcome_and_lag() -> anyhow::Result<
     // keyed retry answered with its first answer.
     let booked = system.book(&show, &["A1", "A2"], false).await?;
     let held = system.book(&show, &["A3"], true).await?;
-    let taken = post_booking(
-        &system,
-        &json!({"show_id": show, "user_id": uuid::Uuid::new_v4(), "seats": ["A1"]}),
-        None,
-    )
-    .await?;
+    let taken = system
+        .post(
+            "/bookings",
+            &json!({"show_id": show, "user_id": uuid::Uuid::new_v4(), "seats": ["A1"]}),
+            None,
+        )
+        .await?;
     ensure!(taken.status == StatusCode::CONFLICT, "{}", taken.body);
-    let bad = post_booking(
-        &system,
-        &json!({"show_id": show, "seats": ["A9"], "colour": "red"}),
-        None,
-    )
-    .await?;
+    let bad = system
+        .post(
+            "/bookings",
+            &json!({"show_id": show, "seats": ["A9"], "colour": "red"}),
+            None,
+        )
+        .await?;
     bad.is_problem(StatusCode::UNPROCESSABLE_ENTITY, "bad-body")?;
-    let invalid = post_booking(&system, &json!({"show_id": show}), None).await?;
+    let invalid = system
+        .post("/bookings", &json!({"show_id": show}), None)
+        .await?;
     invalid.is_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid-request")?;
     let keyed = json!({"show_id": show, "user_id": uuid::Uuid::new_v4(), "seats": ["A5"]});
     for _ in 0..2 {
-        let answer = post_booking(&system, &keyed, Some("metrics-retry")).await?;
+        let answer = system
+            .post("/bookings", &keyed, Some("metrics-retry"))
+            .await?;
         ensure!(answer.status == StatusCode::CREATED, "{}", answer.body);
     }
     // A keyed refusal is kept as the key's answer, and counted by its
     // problem's type; its retry is a replay.
     let keyed_taken = json!({"show_id": show, "user_id": uuid::Uuid::new_v4(), "seats": ["A2"]});
     for _ in 0..2 {
-        let answer = post_booking(&system, &keyed_taken, Some("metrics-taken")).await?;
+        let answer = system
+            .post("/bookings", &keyed_taken, Some("metrics-taken"))
+            .await?;
         answer.is_problem(StatusCode::CONFLICT, "seats-unavailable")?;
     }
     // A method the route lacks is counted under the route's template.
