@@ -255,7 +255,7 @@ impl System {
     /// through command-api, and waits until query-api has it.
     ///
     /// # Errors
-    /// Any answer but a 201, or the show not readable within 10 s.
+    /// Any answer but a 201, or the show not readable within 15 s.
     pub async fn create_show(&self, sections: &[(&str, &[(&str, u32)])]) -> anyhow::Result<String> {
         let sections: Vec<Value> = sections
             .iter()
@@ -286,21 +286,44 @@ impl System {
             .as_str()
             .context("no show_id")?
             .to_owned();
+        self.read_until(
+            &format!("/shows/{show}"),
+            "the show on the read side",
+            |_| true,
+        )
+        .await?;
+        Ok(show)
+    }
+
+    /// GETs query-api's `path` until it answers 200 with a body `done`
+    /// holds of, and returns that body.
+    ///
+    /// # Errors
+    /// No such answer within 15 s (the error names `what` and the last
+    /// answer), or query-api unreachable.
+    pub async fn read_until(
+        &self,
+        path: &str,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let started = Instant::now();
         loop {
-            let read = self
+            let answer = self
                 .http
-                .get(format!("{}/shows/{show}", self.query_url))
+                .get(format!("{}{path}", self.query_url))
                 .send()
                 .await?;
-            if read.status() == reqwest::StatusCode::OK {
-                return Ok(show);
+            let status = answer.status();
+            let body: Value = answer.json().await.unwrap_or(Value::Null);
+            if status == reqwest::StatusCode::OK && done(&body) {
+                return Ok(body);
             }
             ensure!(
-                started.elapsed() < Duration::from_secs(10),
-                "the show never reached the read side"
+                started.elapsed() < Duration::from_secs(15),
+                "{what}: {status} {body}"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

@@ -49,15 +49,12 @@ async fn seats_until(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let (status, body) = get(system, &format!("/shows/{show}/availability")).await?;
-        if status == StatusCode::OK && done(&body["seats"]) {
-            return Ok(());
-        }
-        ensure!(started.elapsed() < WAIT, "{what}: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    system
+        .read_until(&format!("/shows/{show}/availability"), what, |body| {
+            done(&body["seats"])
+        })
+        .await?;
+    Ok(())
 }
 
 /// Waits until the projector shows `count` parked events in `/metrics`

@@ -4,16 +4,12 @@
 //! loaded by the command side, projected, and replayed, each through the
 //! upcaster; new cancellations are written as version 2.
 
-use std::time::{Duration, Instant};
-
 use anyhow::{ensure, Context};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ticketing_tests::auth::{bearer, token};
 use ticketing_tests::http::Answer;
 use ticketing_tests::system::{Service, System, SystemSettings};
-
-const WAIT: Duration = Duration::from_secs(15);
 
 /// A booking of seat `label`, placed and then cancelled, as the first
 /// release wrote it: `BookingCancelled` without `cancelled_by`, version 1.
@@ -85,21 +81,9 @@ async fn read_booking_until(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> anyhow::Result<Value> {
-    let started = Instant::now();
-    loop {
-        let answer = system
-            .http
-            .get(format!("{}/bookings/{booking}", system.query_url))
-            .send()
-            .await?;
-        let status = answer.status();
-        let body: Value = answer.json().await.unwrap_or(Value::Null);
-        if status == StatusCode::OK && done(&body) {
-            return Ok(body);
-        }
-        ensure!(started.elapsed() < WAIT, "{what}: {status} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    system
+        .read_until(&format!("/bookings/{booking}"), what, done)
+        .await
 }
 
 async fn post(system: &System, client: &reqwest::Client, path: &str) -> anyhow::Result<Answer> {
